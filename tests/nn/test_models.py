@@ -1,0 +1,102 @@
+"""Model configs: variants build and run, bad values fail early with one clear message."""
+import copy
+
+import numpy as np
+import pytest
+
+import jax
+
+from vmoe.nn import models
+
+BASE = {
+    'num_classes': 5, 'patch_size': (4, 4), 'hidden_size': 16, 'classifier': 'token',
+    'representation_size': None,
+    'encoder': {
+        'num_layers': 2, 'mlp_dim': 32, 'num_heads': 2,
+        'moe': {'layers': (1,), 'num_experts': 4, 'group_size': 10,
+                'router': {'num_selected_experts': 2, 'noise_std': 1.0,
+                           'dispatcher': {'name': 'einsum', 'capacity_factor': 1.0}}},
+    },
+}
+IMAGES = np.zeros((2, 8, 8, 3), np.float32)  # 4 patches (+ cls) per image.
+
+
+def _config(**overrides):
+  return models.apply_overrides(copy.deepcopy(BASE), overrides)
+
+
+def test_placement_helpers():
+  assert models.every_n(2, 12) == (1, 3, 5, 7, 9, 11)
+  assert models.last_n(2, 8) == (5, 7)
+  assert models.last_n(5, 32) == (23, 25, 27, 29, 31)
+
+
+@pytest.mark.parametrize('overrides,tokens', [
+    ({'classifier': 'token', 'encoder.position_emb': {'name': 'sincos2d'}}, 5),
+    ({'classifier': 'gap', 'encoder.moe.group_size': 8}, 4),
+    ({'classifier': '0', 'encoder.moe.group_size': 8,
+      'encoder.position_emb': {'name': 'none'}}, 4),
+    ({'classifier': 'map', 'encoder.moe.group_size': 8, 'representation_size': 16,
+      'encoder.moe.router.dispatcher.name': 'indices'}, 4),
+    ({'encoder.moe.layers': ()}, 5),  # A dense ViT.
+])
+def test_variants_build_and_run(overrides, tokens):
+  model = models.build_model(_config(**overrides))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), IMAGES)
+  logits, metrics = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={
+      'dropout': jax.random.PRNGKey(1), 'gating': jax.random.PRNGKey(2)}))(variables, IMAGES + 1)
+  assert logits.shape == (2, 5) and np.isfinite(logits).all()
+  assert np.isfinite(np.mean(metrics['auxiliary_loss']))
+  pos = variables['params']['Encoder'].get('posembed_input')
+  if pos is not None:
+    assert pos['pos_embedding'].shape == (1, tokens, 16)
+
+
+def test_head_initialisation_options():
+  model = models.build_model(_config(head_bias_init=-2.0))
+  head = jax.jit(model.init)(jax.random.PRNGKey(0), IMAGES)['params']['head']
+  assert np.all(head['kernel'] == 0) and np.all(head['bias'] == -2.0)
+  model = models.build_model(_config(head_kernel_zero_init=False))
+  assert np.any(jax.jit(model.init)(jax.random.PRNGKey(0), IMAGES)['params']['head']['kernel'])
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'encoder.moe.router.num_selected_experts': 5}, 'num_selected_experts=5'),
+    ({'encoder.moe.router.num_selected_experts': 0}, 'num_selected_experts=0'),
+    ({'encoder.moe.router.dispatcher.capacity': 4}, 'exactly one of capacity and capacity_f'),
+    ({'encoder.moe.router.dispatcher.capacity_factor': None}, 'exactly one of capacity'),
+    ({'encoder.moe.router.dispatcher.capacity_factor': None,
+      'encoder.moe.router.dispatcher.capacity': 0}, 'capacity=0'),
+    ({'encoder.moe.router.dispatcher.capacity_factor': -1.0}, 'capacity_factor=-1.0'),
+    ({'encoder.moe.router.name': 'TopK'}, "router.name='TopK' is unknown; valid: \\["),
+    ({'encoder.moe.router.dispatcher.name': 'magic'}, "name='magic' is unknown; valid"),
+    ({'encoder.moe.layers': (1, 2)}, r'indices \[2\] outside \[0, 2\)'),
+    ({'encoder.moe.layers': (-1,)}, r'indices \[-1\] outside'),
+    ({'encoder.moe.router.dispatcher.capacity_ceil_or_round': 'floor'}, "'floor'"),
+    ({'encoder.moe.routr': {}}, r"Unknown key\(s\) \['routr'\] in model.encoder.moe; valid"),
+    ({'encoder.moe.router.k': 2}, r"Unknown key\(s\) \['k'\] in model.encoder.moe.router"),
+    ({'classifier': 'cls'}, "classifier='cls' is unknown"),
+    ({'encoder.position_emb': {'name': 'rope'}}, "position_emb.name='rope'"),
+    ({'encoder.num_heads': 3}, 'not divisible by model.encoder.num_heads=3'),
+    ({'name': 'ResNet'}, "model.name='ResNet' is unknown"),
+])
+def test_bad_config_fails_with_one_clear_error(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    models.build_model(_config(**overrides))
+
+
+def test_input_dependent_checks_before_tracing():
+  with pytest.raises(ValueError, match='group_size=10 does not divide the 15 tokens'):
+    models.check_input(_config(), 3, (8, 8))
+  with pytest.raises(ValueError, match=r'patch_size=\(4, 4\) does not tile images of 10x8'):
+    models.check_input(_config(), 2, (10, 8))
+  with pytest.raises(ValueError, match='capacity_factor=0.01'):
+    models.check_input(_config(**{'encoder.moe.router.dispatcher.capacity_factor': 0.01,
+                                  'encoder.moe.router.dispatcher.capacity_ceil_or_round': 'round',
+                                  'encoder.moe.router.dispatcher.capacity_multiple_of': None}),
+                       2, (8, 8))
+  models.check_input(_config(), 4, (8, 8))
+  # The layer itself refuses a bad group size at trace time, before compiling.
+  model = models.build_model(_config())
+  with pytest.raises(ValueError, match='group_size=10 does not divide'):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((3, 8, 8, 3))))

@@ -1,0 +1,178 @@
+"""Build models from configs in the reference's schema, validating them first.
+
+The schema is the `model_kwargs` of google-research/vmoe (see
+../shared/fixtures/vmoe_reference/*_config.json), with an optional `name`. Every bad value
+is reported with one ValueError naming the key and the fix, before anything is traced.
+"""
+import copy
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+
+from vmoe.nn import routers as routers_lib
+from vmoe.nn import routing as routing_lib
+from vmoe.nn import vit
+
+MODELS = {'VisionTransformerMoe': vit.VisionTransformerMoe,
+          'VisionTransformer': vit.VisionTransformerMoe}
+MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'classifier',
+              'representation_size', 'head_bias_init', 'head_kernel_zero_init')
+ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
+                'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb')
+MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router')
+
+
+def every_n(n: int, num_layers: int) -> tuple[int, ...]:
+  """'Every-n' placement: blocks n-1, 2n-1, ... (every other block for n=2)."""
+  return tuple(range(n - 1, num_layers, n))
+
+
+def last_n(n: int, num_layers: int) -> tuple[int, ...]:
+  """'Last-n' placement: the last n odd blocks, e.g. (5, 7) for n=2 of 8 layers."""
+  return tuple(range(1, num_layers, 2))[-n:]
+
+
+def to_dict(config: Any) -> dict:
+  """A deep plain-dict copy of a dict or ml_collections.ConfigDict."""
+  if hasattr(config, 'to_dict'):
+    config = config.to_dict()
+  return copy.deepcopy(dict(config))
+
+
+def _check_keys(d: Mapping[str, Any], valid: Sequence[str], where: str):
+  unknown = sorted(set(d) - set(valid))
+  if unknown:
+    raise ValueError(f'Unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}.')
+
+
+def _require(d: Mapping[str, Any], key: str, where: str):
+  if d.get(key) is None:
+    raise ValueError(f'{where}.{key} is required.')
+  return d[key]
+
+
+def _positive_int(d, key, where):
+  v = _require(d, key, where)
+  if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    raise ValueError(f'{where}.{key}={v!r} must be a positive integer.')
+  return v
+
+
+def validate(config: Any) -> dict:
+  """Checks a model config and returns it as a normalised plain dict."""
+  c = to_dict(config)
+  _check_keys(c, MODEL_KEYS, 'model')
+  name = c.pop('name', 'VisionTransformerMoe')
+  if name not in MODELS:
+    raise ValueError(f'model.name={name!r} is unknown; valid: {sorted(MODELS)}.')
+  c['patch_size'] = tuple(_require(c, 'patch_size', 'model'))
+  _positive_int(c, 'hidden_size', 'model')
+  classifier = c.get('classifier', 'token')
+  if classifier not in vit.CLASSIFIERS:
+    raise ValueError(f'model.classifier={classifier!r} is unknown; valid: {vit.CLASSIFIERS}.')
+  enc = c['encoder'] = dict(_require(c, 'encoder', 'model'))
+  _check_keys(enc, ENCODER_KEYS, 'model.encoder')
+  num_layers = _positive_int(enc, 'num_layers', 'model.encoder')
+  _positive_int(enc, 'mlp_dim', 'model.encoder')
+  heads = _positive_int(enc, 'num_heads', 'model.encoder')
+  if c['hidden_size'] % heads:
+    raise ValueError(f'model.hidden_size={c["hidden_size"]} is not divisible by '
+                     f'model.encoder.num_heads={heads}.')
+  pos = dict(enc.get('position_emb') or {'name': 'learned'})
+  if pos.get('name', 'learned') not in vit.POSITION_EMBS:
+    raise ValueError(f'model.encoder.position_emb.name={pos.get("name")!r} is unknown; '
+                     f'valid: {vit.POSITION_EMBS}.')
+  enc['position_emb'] = pos
+  if enc.get('moe') is not None:
+    enc['moe'] = _validate_moe(dict(enc['moe']), num_layers)
+  return {'name': name, **c}
+
+
+def _validate_moe(moe: dict, num_layers: int) -> dict:
+  where = 'model.encoder.moe'
+  _check_keys(moe, MOE_KEYS, where)
+  layers = tuple(moe.get('layers') or ())
+  bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
+  if bad:
+    raise ValueError(f'{where}.layers={layers} has indices {bad} outside [0, {num_layers}) '
+                     f'(num_layers={num_layers}).')
+  moe['layers'] = layers
+  if not layers:
+    return moe
+  e = _positive_int(moe, 'num_experts', where)
+  _positive_int(moe, 'group_size', where)
+  router = moe['router'] = dict(moe.get('router') or {})
+  name = router.setdefault('name', 'NoisyTopExpertsPerItemRouter')
+  if name not in routers_lib.ROUTERS:
+    raise ValueError(f'{where}.router.name={name!r} is unknown; valid: '
+                     f'{sorted(routers_lib.ROUTERS)}.')
+  _check_keys(router, routers_lib.router_fields(name), f'{where}.router')
+  k = router.get('num_selected_experts', 1)
+  if 'num_selected_experts' in router and (not isinstance(k, int) or not 1 <= k <= e):
+    raise ValueError(f'{where}.router.num_selected_experts={k!r} must be in [1, '
+                     f'num_experts={e}]; lower it or add experts.')
+  disp = router['dispatcher'] = dict(router.get('dispatcher') or {})
+  _check_keys(disp, routers_lib.DISPATCHER_KEYS, f'{where}.router.dispatcher')
+  kind = disp.setdefault('name', 'einsum')
+  if kind not in routing_lib.DISPATCH_KINDS:
+    raise ValueError(f'{where}.router.dispatcher.name={kind!r} is unknown; valid: '
+                     f'{routing_lib.DISPATCH_KINDS}.')
+  cap, cf = disp.get('capacity'), disp.get('capacity_factor')
+  if (cap is None) == (cf is None):
+    raise ValueError(f'{where}.router.dispatcher needs exactly one of capacity and '
+                     f'capacity_factor, got capacity={cap!r}, capacity_factor={cf!r}.')
+  if cap is not None and (not isinstance(cap, int) or cap < 1):
+    raise ValueError(f'{where}.router.dispatcher.capacity={cap!r} must be an integer >= 1.')
+  if cf is not None and not cf > 0:
+    raise ValueError(f'{where}.router.dispatcher.capacity_factor={cf!r} must be > 0.')
+  if disp.get('capacity_ceil_or_round', 'ceil') not in ('ceil', 'round'):
+    raise ValueError(f'{where}.router.dispatcher.capacity_ceil_or_round='
+                     f'{disp["capacity_ceil_or_round"]!r} must be "ceil" or "round".')
+  return moe
+
+
+def check_input(config: Any, batch_size: int, image_size: Sequence[int]) -> None:
+  """Checks what depends on the input shape: patches tile the image, groups the tokens."""
+  c = validate(config)
+  (ph, pw), (h, w) = c['patch_size'], tuple(image_size)[:2]
+  if h % ph or w % pw:
+    raise ValueError(f'model.patch_size={c["patch_size"]} does not tile images of '
+                     f'{h}x{w}; choose a patch size that divides the image size.')
+  tokens = (h // ph) * (w // pw) + (c.get('classifier', 'token') == 'token')
+  moe = c['encoder'].get('moe') or {}
+  if moe.get('layers'):
+    s = moe['group_size']
+    if (batch_size * tokens) % s:
+      raise ValueError(
+          f'model.encoder.moe.group_size={s} does not divide the {batch_size * tokens} '
+          f'tokens of a batch ({batch_size} images x {tokens} tokens); use a multiple of '
+          f'{tokens} that divides {batch_size * tokens}.')
+    router = moe['router']
+    # Token choice fills S * K slots, expert choice S (its K is implicit).
+    routers_lib.capacity_from_config(router['dispatcher'],
+                                     s * router.get('num_selected_experts', 1),
+                                     moe['num_experts'])
+
+
+def build_model(config: Any, overrides: Optional[Mapping[str, Any]] = None) -> nn.Module:
+  """Model from a config dict/ConfigDict; overrides maps dotted keys to new values."""
+  c = validate(apply_overrides(config, overrides or {}))
+  name = c.pop('name')
+  return MODELS[name](**c)
+
+
+def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> dict:
+  """Copy of config with e.g. {'encoder.moe.router.dispatcher.capacity_factor': 0.5}."""
+  c = to_dict(config)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      if not isinstance(node.get(p), dict):
+        if node.get(p) is None:
+          node[p] = {}
+        else:
+          raise ValueError(f'Override {key!r}: {p!r} is not a sub-config.')
+      node = node[p]
+    node[last] = value
+  return c

@@ -1,0 +1,176 @@
+"""Routing decisions as data: who goes where, with which weight.
+
+A router (vmoe/nn/routers.py) only produces one of the objects below; the MoE layer
+(vmoe/nn/moe.py) runs the same expert code for all of them. Notation: G groups, S tokens
+per group, D model width, E experts, C buffer slots per expert (capacity), K choices per
+token.
+
+`SparseRouting` is a hard assignment. Its canonical, expert-major form says, for every
+buffer slot (e, c), which token of the group sits there and with which combine weight:
+dispatch is a gather, combine a weighted scatter-add. Routers with a fixed number K of
+choices per token also give the token-major form, so that combine is a gather instead.
+`DenseRouting` holds the soft dispatch/combine tensors of Soft MoE.
+"""
+import math
+from typing import Literal, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DISPATCH_KINDS = ('einsum', 'indices')
+
+
+def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
+                     ceil_or_round: Literal['ceil', 'round'] = 'ceil',
+                     multiple_of: Optional[int] = 4) -> int:
+  """Buffer slots per expert: num_tokens * capacity_factor / num_experts, rounded.
+
+  num_tokens is S * K for token choice and S for expert choice. E.g. S=400, K=2,
+  cf=1.05, E=8 -> ceil(105.0) = 105 -> 108 (multiple of 4).
+  """
+  if ceil_or_round not in ('ceil', 'round'):
+    raise ValueError(f'capacity_ceil_or_round={ceil_or_round!r} is not valid; '
+                     "use 'ceil' or 'round'.")
+  c = num_tokens * capacity_factor / num_experts
+  c = int(math.ceil(c)) if ceil_or_round == 'ceil' else int(round(c))
+  if multiple_of and c % multiple_of:
+    c += multiple_of - c % multiple_of
+  if c < 1:
+    raise ValueError(
+        f'capacity_factor={capacity_factor} gives a capacity of {c} slots per expert '
+        f'({num_tokens} tokens, {num_experts} experts); increase capacity_factor or '
+        'set capacity_multiple_of.')
+  return c
+
+
+@flax.struct.dataclass
+class SparseRouting:
+  """Hard routing of one MoE layer, per group.
+
+  slot_token: [G, E, C] int32, token held by buffer slot (e, c); S marks an empty slot.
+  slot_weight: [G, E, C], combine weight of that slot (0 where empty).
+  token_slot: [G, S, K] int32 or None, flat buffer position e * C + c of each token's
+    k-th choice; E * C marks a dropped choice.
+  token_weight: [G, S, K] or None, combine weight of each choice (0 where dropped).
+  """
+  slot_token: Array
+  slot_weight: Array
+  token_slot: Optional[Array] = None
+  token_weight: Optional[Array] = None
+
+  @property
+  def shape(self):
+    """(G, S, E, C)."""
+    g, e, c = self.slot_token.shape
+    s = self.token_slot.shape[1] if self.token_slot is not None else None
+    return g, s, e, c
+
+  def dispatch(self, x: Array, kind: str) -> Array:
+    """x: [G, S, D] -> expert inputs [G, E, C, D] (zeros in empty slots)."""
+    g, s, d = x.shape
+    _, e, c = self.slot_token.shape
+    if kind == 'einsum':
+      dispatch = jax.nn.one_hot(self.slot_token, s, dtype=x.dtype)  # [G, E, C, S]
+      return jnp.einsum('gecs,gsd->gecd', dispatch, x)
+    if kind == 'indices':
+      # Slot value S is out of range: mode='fill' turns it into a zero row.
+      take = lambda xg, ig: jnp.take(xg, ig, axis=0, mode='fill', fill_value=0)
+      return jax.vmap(take)(x, self.slot_token.reshape(g, e * c)).reshape(g, e, c, d)
+    raise ValueError(f'Unknown dispatch kind {kind!r}; valid: {DISPATCH_KINDS}.')
+
+  def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
+    """y: [G, E, C, D] expert outputs -> [G, S, D] weighted by the combine weights."""
+    g, e, c, d = y.shape
+    w = self.slot_weight.astype(y.dtype)
+    if kind == 'einsum':
+      combine = jax.nn.one_hot(self.slot_token, num_tokens, dtype=y.dtype) * w[..., None]
+      return jnp.einsum('gecs,gecd->gsd', combine, y)
+    if kind == 'indices':
+      y = y.reshape(g, e * c, d)
+      if self.token_slot is not None:
+        # K choices per token: gather them and sum, no scatter needed.
+        take = lambda yg, ig: jnp.take(yg, ig, axis=0, mode='fill', fill_value=0)
+        yk = jax.vmap(take)(y, self.token_slot)  # [G, S, K, D]
+        return jnp.einsum('gskd,gsk->gsd', yk, self.token_weight.astype(y.dtype))
+      seg = lambda yg, tg: jax.ops.segment_sum(yg, tg, num_segments=num_tokens)
+      return jax.vmap(seg)(y * w.reshape(g, e * c, 1), self.slot_token.reshape(g, e * c))
+    raise ValueError(f'Unknown dispatch kind {kind!r}; valid: {DISPATCH_KINDS}.')
+
+  def per_token(self, num_tokens: int):
+    """Dense view for analysis and tests: (slot [G, S, E] (-1 if not routed), weight [G, S, E])."""
+    g, e, c = self.slot_token.shape
+    gi = jnp.arange(g)[:, None, None]
+    ei = jnp.arange(e)[None, :, None]
+    ci = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (g, e, c))
+    slot = jnp.full((g, num_tokens, e), -1, jnp.int32)
+    slot = slot.at[gi, self.slot_token, ei].set(ci, mode='drop')
+    weight = jnp.zeros((g, num_tokens, e), self.slot_weight.dtype)
+    weight = weight.at[gi, self.slot_token, ei].set(self.slot_weight, mode='drop')
+    return slot, weight
+
+
+@flax.struct.dataclass
+class DenseRouting:
+  """Soft routing (Soft MoE): every slot is a convex combination of tokens.
+
+  dispatch: [G, S, E, P], sums to 1 over S for every slot (e, p).
+  combine: [G, S, E, P], sums to 1 over (E, P) for every token s.
+  """
+  dispatch_weights: Array
+  combine_weights: Array
+
+  def dispatch(self, x: Array, kind: str) -> Array:
+    del kind  # Soft routing is einsum by nature; validation rejects other kinds.
+    return jnp.einsum('gsep,gsd->gepd', self.dispatch_weights.astype(x.dtype), x)
+
+  def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
+    del kind, num_tokens
+    return jnp.einsum('gsep,gepd->gsd', self.combine_weights.astype(y.dtype), y)
+
+
+def top_experts_per_item(gates: Array, num_selected_experts: int, capacity: int,
+                         batch_priority: bool) -> SparseRouting:
+  """Token choice: each token picks its top-K experts; slots go first come first served.
+
+  gates: [G, S, E] routing probabilities (also the combine weights, not renormalised).
+  All tokens' 1st choices are placed before any 2nd choice (K-major); within a tier
+  tokens go in order, or by decreasing top-1 gate with batch_priority (BPR).
+  """
+  return jax.vmap(lambda g: _top_experts_per_item(
+      g, num_selected_experts, capacity, batch_priority))(gates)
+
+
+def _top_experts_per_item(gates, k, capacity, batch_priority):
+  """gates: [S, E] -> SparseRouting of one group (no G axis)."""
+  s, e = gates.shape
+  weight, expert = jax.lax.top_k(gates, k)  # [S, K]
+  order = jnp.argsort(-weight[:, 0], stable=True) if batch_priority else jnp.arange(s)
+  # [K * S] choices in priority order; the position of a choice in its expert's buffer
+  # is the number of earlier choices of the same expert.
+  flat = expert[order].T.reshape(-1)
+  onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)
+  pos = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=-1) - 1
+  slot = jnp.zeros((s, k), jnp.int32).at[order].set(pos.reshape(k, s).T)
+  kept = slot < capacity
+  token_slot = jnp.where(kept, expert * capacity + slot, e * capacity)
+  token_weight = jnp.where(kept, weight, 0)
+  tokens = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k))
+  slot_token = jnp.full((e * capacity,), s, jnp.int32).at[token_slot].set(tokens, mode='drop')
+  slot_weight = jnp.zeros((e * capacity,), gates.dtype).at[token_slot].set(
+      token_weight, mode='drop')
+  return SparseRouting(slot_token.reshape(e, capacity), slot_weight.reshape(e, capacity),
+                       token_slot.astype(jnp.int32), token_weight)
+
+
+def top_items_per_expert(gates: Array, capacity: int) -> SparseRouting:
+  """Expert choice: each expert takes the `capacity` tokens with the largest gates.
+
+  gates: [G, S, E]. A token may be taken by 0..E experts; combine weight = its gate.
+  """
+  if capacity > gates.shape[1]:
+    raise ValueError(f'Expert-choice capacity {capacity} exceeds the group size '
+                     f'{gates.shape[1]}; lower capacity_factor or raise group_size.')
+  weight, token = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)  # [G, E, C]
+  return SparseRouting(token.astype(jnp.int32), weight)

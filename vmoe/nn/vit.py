@@ -1,0 +1,182 @@
+"""Vision Transformer with optional MoE blocks; parameter tree of the released V-MoE.
+
+Names follow google-research/vmoe and vision_transformer (embedding, cls,
+Encoder/posembed_input, Encoder/encoderblock_{i}/{LayerNorm_0, SelfAttention, LayerNorm_1,
+Mlp | Moe}, Encoder/encoder_norm, pre_logits, head), so released checkpoints load as is.
+"""
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vmoe.nn import moe as moe_lib
+
+Array = jax.Array
+CLASSIFIERS = ('token', 'gap', '0', 'map')
+POSITION_EMBS = ('learned', 'sincos2d', 'none')
+
+
+class MlpBlock(nn.Module):
+  """Dense MLP, D -> H -> D with tanh-approximated GELU (flax's default)."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    d = x.shape[-1]
+    dense = lambda n, name: nn.Dense(n, kernel_init=moe_lib.KERNEL_INIT,
+                                     bias_init=moe_lib.BIAS_INIT, name=name)
+    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = dense(d, 'Dense_1')(x)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+def sincos2d(h: int, w: int, d: int, temperature: float = 10_000.) -> Array:
+  """[h * w, d] fixed 2D sin-cos position embedding (MoCo v3)."""
+  if d % 4 or d < 8:
+    raise ValueError(f'sincos2d position embedding needs hidden_size % 4 == 0 and >= 8, '
+                     f'got {d}; use position_emb.name="learned".')
+  y, x = jnp.mgrid[:h, :w].astype(jnp.float32)
+  omega = 1.0 / temperature ** (jnp.arange(d // 4) / (d // 4 - 1))
+  x = jnp.outer(x.ravel(), omega)
+  y = jnp.outer(y.ravel(), omega)
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + Mlp(LN(x)) or x + Moe(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention_qk_norm: bool = False
+  moe: Optional[Mapping[str, Any]] = None  # MoeLayer kwargs if this block is MoE.
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool):
+    """x: [B, T, D] -> ([B, T, D], metrics or None)."""
+    y = nn.LayerNorm(name='LayerNorm_0')(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+        broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
+        normalize_qk=self.attention_qk_norm, deterministic=not train,
+        name='SelfAttention')(y, y)
+    x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = nn.LayerNorm(name='LayerNorm_1')(x)
+    if self.moe is None:
+      return x + MlpBlock(self.mlp_dim, self.dropout_rate, name='Mlp')(y, train=train), None
+    y, metrics = moe_lib.MoeLayer(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                                  name='Moe', **self.moe)(y, train=train)
+    return x + y, metrics
+
+
+class Encoder(nn.Module):
+  """Position embedding, blocks, final LayerNorm. MoE blocks at `moe['layers']`."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention_qk_norm: bool = False
+  moe: Optional[Mapping[str, Any]] = None
+  position_emb: Optional[Mapping[str, Any]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool):
+    """x: [B, T, D] (T = h*w, or h*w + 1 with a class token) -> ([B, T, D], metrics)."""
+    pos = dict(self.position_emb or {})
+    kind = pos.get('name', 'learned')
+    if kind == 'learned':
+      x = _AddPositionEmbs(name='posembed_input')(x)
+    elif kind == 'sincos2d':
+      emb = sincos2d(*grid, x.shape[-1], pos.get('temperature', 10_000.)).astype(x.dtype)
+      # A class token, if any, is first and gets no position embedding.
+      emb = jnp.pad(emb, ((x.shape[1] - emb.shape[0], 0), (0, 0)))
+      x = x + emb[None]
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    moe = dict(self.moe or {})
+    moe_layers = tuple(moe.pop('layers', ()))
+    metrics = {}
+    for i in range(self.num_layers):
+      x, m = EncoderBlock(
+          num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          attention_qk_norm=self.attention_qk_norm,
+          moe=moe if i in moe_layers else None, name=f'encoderblock_{i}')(x, train=train)
+      if m is not None:
+        metrics[f'encoderblock_{i}'] = m
+    aux = [m['auxiliary_loss'] for m in metrics.values()]
+    metrics['auxiliary_loss'] = sum(aux[1:], aux[0]) if aux else jnp.zeros((), x.dtype)
+    return nn.LayerNorm(name='encoder_norm')(x), metrics
+
+
+class _AddPositionEmbs(nn.Module):
+  """Learned position embedding, param `pos_embedding` [1, T, D]."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return x + self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                          (1,) + x.shape[1:])
+
+
+class MapHead(nn.Module):
+  """Multihead attention pooling with a learned probe (big_vision's MAP head)."""
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [B, T, D] -> [B, D]."""
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
+    probe = jnp.tile(probe, (x.shape[0], 1, 1))
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+        name='MultiHeadDotProductAttention')(probe, x)
+    y = MlpBlock(self.mlp_dim, name='Mlp')(nn.LayerNorm(name='LayerNorm')(x), train=False)
+    return (x + y)[:, 0]
+
+
+class VisionTransformerMoe(nn.Module):
+  """ViT classifier; with `encoder.moe.layers` non-empty it is a V-MoE.
+
+  __call__(images [B, H, W, 3], train) -> (logits [B, num_classes], metrics).
+  metrics['auxiliary_loss'] is [G] (summed over MoE layers) and metrics[block] holds each
+  MoE layer's [G] metrics. In training, rngs 'dropout' and 'gating' are needed.
+  """
+  num_classes: Optional[int]
+  patch_size: Sequence[int]
+  hidden_size: int
+  encoder: Mapping[str, Any]
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  head_bias_init: float = 0.0
+  head_kernel_zero_init: bool = True
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False):
+    x = nn.Conv(self.hidden_size, tuple(self.patch_size), strides=tuple(self.patch_size),
+                padding='VALID', name='embedding')(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    if self.classifier == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
+      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
+    x, metrics = Encoder(name='Encoder', **self.encoder)(x, (h, w), train=train)
+    if self.classifier in ('token', '0'):
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    else:  # 'map'
+      x = MapHead(self.encoder['num_heads'], self.encoder['mlp_dim'], name='MapHead')(x)
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits')(x))
+    if not self.num_classes:
+      return x, metrics
+    kernel_init = (nn.initializers.zeros if self.head_kernel_zero_init
+                   else nn.linear.default_kernel_init)
+    logits = nn.Dense(self.num_classes, kernel_init=kernel_init,
+                      bias_init=nn.initializers.constant(self.head_bias_init),
+                      name='head')(x)
+    return logits, metrics
