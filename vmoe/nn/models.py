@@ -19,7 +19,7 @@ MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'cl
               'representation_size', 'head_bias_init', 'head_kernel_zero_init')
 ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
                 'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb')
-MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router')
+MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts')
 
 
 def every_n(n: int, num_layers: int) -> tuple[int, ...]:
@@ -84,11 +84,11 @@ def validate(config: Any) -> dict:
                      f'valid: {vit.POSITION_EMBS}.')
   enc['position_emb'] = pos
   if enc.get('moe') is not None:
-    enc['moe'] = _validate_moe(dict(enc['moe']), num_layers)
+    enc['moe'] = _validate_moe(dict(enc['moe']), num_layers, c.get('num_classes'))
   return {'name': name, **c}
 
 
-def _validate_moe(moe: dict, num_layers: int) -> dict:
+def _validate_moe(moe: dict, num_layers: int, num_classes: Optional[int]) -> dict:
   where = 'model.encoder.moe'
   _check_keys(moe, MOE_KEYS, where)
   layers = tuple(moe.get('layers') or ())
@@ -101,34 +101,68 @@ def _validate_moe(moe: dict, num_layers: int) -> dict:
     return moe
   e = _positive_int(moe, 'num_experts', where)
   _positive_int(moe, 'group_size', where)
+  shared = moe.get('shared_experts', 0)
+  if not isinstance(shared, int) or shared < 0:
+    raise ValueError(f'{where}.shared_experts={shared!r} must be an integer >= 0.')
   router = moe['router'] = dict(moe.get('router') or {})
   name = router.setdefault('name', 'NoisyTopExpertsPerItemRouter')
   if name not in routers_lib.ROUTERS:
     raise ValueError(f'{where}.router.name={name!r} is unknown; valid: '
                      f'{sorted(routers_lib.ROUTERS)}.')
-  _check_keys(router, routers_lib.router_fields(name), f'{where}.router')
+  where = f'{where}.router'
+  _check_keys(router, routers_lib.router_fields(name), where)
   k = router.get('num_selected_experts', 1)
   if 'num_selected_experts' in router and (not isinstance(k, int) or not 1 <= k <= e):
-    raise ValueError(f'{where}.router.num_selected_experts={k!r} must be in [1, '
-                     f'num_experts={e}]; lower it or add experts.')
+    raise ValueError(f'{where}.num_selected_experts={k!r} must be in [1, num_experts={e}]; '
+                     'lower it or add experts.')
   disp = router['dispatcher'] = dict(router.get('dispatcher') or {})
-  _check_keys(disp, routers_lib.DISPATCHER_KEYS, f'{where}.router.dispatcher')
+  _check_keys(disp, routers_lib.DISPATCHER_KEYS, f'{where}.dispatcher')
   kind = disp.setdefault('name', 'einsum')
   if kind not in routing_lib.DISPATCH_KINDS:
-    raise ValueError(f'{where}.router.dispatcher.name={kind!r} is unknown; valid: '
+    raise ValueError(f'{where}.dispatcher.name={kind!r} is unknown; valid: '
                      f'{routing_lib.DISPATCH_KINDS}.')
+  if name in routers_lib.HARD_ROUTERS:
+    _validate_capacity(disp, f'{where}.dispatcher')
+  else:
+    _validate_soft(router, disp, where)
+  if name == 'PerImageRouter':
+    if router.get('image_repr', 'mean') not in routers_lib.per_image.IMAGE_REPRS:
+      raise ValueError(f'{where}.image_repr={router["image_repr"]!r} is unknown; valid: '
+                       f'{routers_lib.per_image.IMAGE_REPRS}.')
+    if router.get('superclasses') is not None:
+      routers_lib.per_image.load_superclasses(router['superclasses'], num_classes, e)
+      router['num_classes'] = num_classes
+  return moe
+
+
+def _validate_capacity(disp: dict, where: str):
   cap, cf = disp.get('capacity'), disp.get('capacity_factor')
   if (cap is None) == (cf is None):
-    raise ValueError(f'{where}.router.dispatcher needs exactly one of capacity and '
-                     f'capacity_factor, got capacity={cap!r}, capacity_factor={cf!r}.')
+    raise ValueError(f'{where} needs exactly one of capacity and capacity_factor, got '
+                     f'capacity={cap!r}, capacity_factor={cf!r}.')
   if cap is not None and (not isinstance(cap, int) or cap < 1):
-    raise ValueError(f'{where}.router.dispatcher.capacity={cap!r} must be an integer >= 1.')
+    raise ValueError(f'{where}.capacity={cap!r} must be an integer >= 1.')
   if cf is not None and not cf > 0:
-    raise ValueError(f'{where}.router.dispatcher.capacity_factor={cf!r} must be > 0.')
+    raise ValueError(f'{where}.capacity_factor={cf!r} must be > 0.')
   if disp.get('capacity_ceil_or_round', 'ceil') not in ('ceil', 'round'):
-    raise ValueError(f'{where}.router.dispatcher.capacity_ceil_or_round='
-                     f'{disp["capacity_ceil_or_round"]!r} must be "ceil" or "round".')
-  return moe
+    raise ValueError(f'{where}.capacity_ceil_or_round={disp["capacity_ceil_or_round"]!r} '
+                     'must be "ceil" or "round".')
+
+
+def _validate_soft(router: dict, disp: dict, where: str):
+  if disp['name'] != 'einsum':
+    raise ValueError(f'{where}.dispatcher.name={disp["name"]!r}: Soft MoE mixes every token '
+                     "into every slot, so only 'einsum' dispatch applies.")
+  extra = sorted(set(disp) - {'name', 'bfloat16'})
+  if extra:
+    raise ValueError(f'{where}.dispatcher keys {extra} do not apply to SoftRouter; size its '
+                     f'slots with {where}.num_slots or {where}.capacity_factor.')
+  slots, cf = router.get('num_slots'), router.get('capacity_factor', 1.0)
+  if slots is not None and (not isinstance(slots, int) or slots < 1):
+    raise ValueError(f'{where}.num_slots={slots!r} must be an integer >= 1 (slots per '
+                     'expert).')
+  if slots is None and not (cf or 0) > 0:
+    raise ValueError(f'{where}.capacity_factor={cf!r} must be > 0 when num_slots is not set.')
 
 
 def check_input(config: Any, batch_size: int, image_size: Sequence[int]) -> None:
@@ -147,11 +181,18 @@ def check_input(config: Any, batch_size: int, image_size: Sequence[int]) -> None
           f'model.encoder.moe.group_size={s} does not divide the {batch_size * tokens} '
           f'tokens of a batch ({batch_size} images x {tokens} tokens); use a multiple of '
           f'{tokens} that divides {batch_size * tokens}.')
-    router = moe['router']
-    # Token choice fills S * K slots, expert choice S (its K is implicit).
-    routers_lib.capacity_from_config(router['dispatcher'],
-                                     s * router.get('num_selected_experts', 1),
-                                     moe['num_experts'])
+    router, e = moe['router'], moe['num_experts']
+    if router['name'] == 'PerImageRouter':
+      # Per-image capacity counts images: images per group x K.
+      routers_lib.capacity_from_config(
+          router['dispatcher'], s // tokens * router.get('num_selected_experts', 1), e)
+    elif router['name'] == 'SoftRouter':
+      if router.get('num_slots') is None:
+        routing_lib.compute_capacity(s, e, router.get('capacity_factor', 1.0), 'round', 1)
+    else:
+      # Token choice fills S * K slots, expert choice S (its K is implicit).
+      routers_lib.capacity_from_config(
+          router['dispatcher'], s * router.get('num_selected_experts', 1), e)
 
 
 def build_model(config: Any, overrides: Optional[Mapping[str, Any]] = None) -> nn.Module:

@@ -131,22 +131,27 @@ class DenseRouting:
 
 
 def top_experts_per_item(gates: Array, num_selected_experts: int, capacity: int,
-                         batch_priority: bool) -> SparseRouting:
+                         batch_priority: bool, weights: Optional[Array] = None
+                         ) -> SparseRouting:
   """Token choice: each token picks its top-K experts; slots go first come first served.
 
-  gates: [G, S, E] routing probabilities (also the combine weights, not renormalised).
+  gates: [G, S, E] scores that choose the experts; also the combine weights (not
+    renormalised) unless `weights` [G, S, E] is given (e.g. Sinkhorn plans choose,
+    softmax gates weigh).
   All tokens' 1st choices are placed before any 2nd choice (K-major); within a tier
-  tokens go in order, or by decreasing top-1 gate with batch_priority (BPR).
+  tokens go in order, or by decreasing top-1 score with batch_priority (BPR).
   """
-  return jax.vmap(lambda g: _top_experts_per_item(
-      g, num_selected_experts, capacity, batch_priority))(gates)
+  weights = gates if weights is None else weights
+  return jax.vmap(lambda g, w: _top_experts_per_item(
+      g, w, num_selected_experts, capacity, batch_priority))(gates, weights)
 
 
-def _top_experts_per_item(gates, k, capacity, batch_priority):
-  """gates: [S, E] -> SparseRouting of one group (no G axis)."""
+def _top_experts_per_item(gates, weights, k, capacity, batch_priority):
+  """gates, weights: [S, E] -> SparseRouting of one group (no G axis)."""
   s, e = gates.shape
-  weight, expert = jax.lax.top_k(gates, k)  # [S, K]
-  order = jnp.argsort(-weight[:, 0], stable=True) if batch_priority else jnp.arange(s)
+  score, expert = jax.lax.top_k(gates, k)  # [S, K]
+  weight = jnp.take_along_axis(weights, expert, axis=1)
+  order = jnp.argsort(-score[:, 0], stable=True) if batch_priority else jnp.arange(s)
   # [K * S] choices in priority order; the position of a choice in its expert's buffer
   # is the number of earlier choices of the same expert.
   flat = expert[order].T.reshape(-1)
@@ -164,13 +169,17 @@ def _top_experts_per_item(gates, k, capacity, batch_priority):
                        token_slot.astype(jnp.int32), token_weight)
 
 
-def top_items_per_expert(gates: Array, capacity: int) -> SparseRouting:
+def top_items_per_expert(gates: Array, capacity: int, weights: Optional[Array] = None
+                         ) -> SparseRouting:
   """Expert choice: each expert takes the `capacity` tokens with the largest gates.
 
-  gates: [G, S, E]. A token may be taken by 0..E experts; combine weight = its gate.
+  gates: [G, S, E] scores; combine weight = the gate, or `weights` [G, S, E] if given.
+  A token may be taken by 0..E experts.
   """
   if capacity > gates.shape[1]:
     raise ValueError(f'Expert-choice capacity {capacity} exceeds the group size '
                      f'{gates.shape[1]}; lower capacity_factor or raise group_size.')
   weight, token = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)  # [G, E, C]
+  if weights is not None:
+    weight = jnp.take_along_axis(jnp.swapaxes(weights, 1, 2), token, axis=2)
   return SparseRouting(token.astype(jnp.int32), weight)

@@ -11,26 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from vmoe.nn import moe as moe_lib
+from vmoe.nn.mlp import MlpBlock
 
 Array = jax.Array
 CLASSIFIERS = ('token', 'gap', '0', 'map')
 POSITION_EMBS = ('learned', 'sincos2d', 'none')
-
-
-class MlpBlock(nn.Module):
-  """Dense MLP, D -> H -> D with tanh-approximated GELU (flax's default)."""
-  mlp_dim: int
-  dropout_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    d = x.shape[-1]
-    dense = lambda n, name: nn.Dense(n, kernel_init=moe_lib.KERNEL_INIT,
-                                     bias_init=moe_lib.BIAS_INIT, name=name)
-    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = dense(d, 'Dense_1')(x)
-    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
 def sincos2d(h: int, w: int, d: int, temperature: float = 10_000.) -> Array:
@@ -55,7 +40,7 @@ class EncoderBlock(nn.Module):
   moe: Optional[Mapping[str, Any]] = None  # MoeLayer kwargs if this block is MoE.
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool):
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
     """x: [B, T, D] -> ([B, T, D], metrics or None)."""
     y = nn.LayerNorm(name='LayerNorm_0')(x)
     y = nn.MultiHeadDotProductAttention(
@@ -68,7 +53,7 @@ class EncoderBlock(nn.Module):
     if self.moe is None:
       return x + MlpBlock(self.mlp_dim, self.dropout_rate, name='Mlp')(y, train=train), None
     y, metrics = moe_lib.MoeLayer(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                                  name='Moe', **self.moe)(y, train=train)
+                                  name='Moe', **self.moe)(y, train=train, labels=labels)
     return x + y, metrics
 
 
@@ -84,7 +69,8 @@ class Encoder(nn.Module):
   position_emb: Optional[Mapping[str, Any]] = None
 
   @nn.compact
-  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool):
+  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
+               labels: Optional[Array] = None):
     """x: [B, T, D] (T = h*w, or h*w + 1 with a class token) -> ([B, T, D], metrics)."""
     pos = dict(self.position_emb or {})
     kind = pos.get('name', 'learned')
@@ -104,7 +90,8 @@ class Encoder(nn.Module):
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
           attention_qk_norm=self.attention_qk_norm,
-          moe=moe if i in moe_layers else None, name=f'encoderblock_{i}')(x, train=train)
+          moe=moe if i in moe_layers else None, name=f'encoderblock_{i}')(
+              x, train=train, labels=labels)
       if m is not None:
         metrics[f'encoderblock_{i}'] = m
     aux = [m['auxiliary_loss'] for m in metrics.values()]
@@ -141,9 +128,10 @@ class MapHead(nn.Module):
 class VisionTransformerMoe(nn.Module):
   """ViT classifier; with `encoder.moe.layers` non-empty it is a V-MoE.
 
-  __call__(images [B, H, W, 3], train) -> (logits [B, num_classes], metrics).
+  __call__(images [B, H, W, 3], train, labels) -> (logits [B, num_classes], metrics).
   metrics['auxiliary_loss'] is [G] (summed over MoE layers) and metrics[block] holds each
-  MoE layer's [G] metrics. In training, rngs 'dropout' and 'gating' are needed.
+  MoE layer's [G] metrics. In training, rngs 'dropout' and 'gating' are needed; labels
+  (int [B]) only feed routers that learn from them (super-class guided per-image routing).
   """
   num_classes: Optional[int]
   patch_size: Sequence[int]
@@ -155,7 +143,7 @@ class VisionTransformerMoe(nn.Module):
   head_kernel_zero_init: bool = True
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False):
+  def __call__(self, images: Array, *, train: bool = False, labels: Optional[Array] = None):
     x = nn.Conv(self.hidden_size, tuple(self.patch_size), strides=tuple(self.patch_size),
                 padding='VALID', name='embedding')(images)
     b, h, w, d = x.shape
@@ -163,7 +151,8 @@ class VisionTransformerMoe(nn.Module):
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
-    x, metrics = Encoder(name='Encoder', **self.encoder)(x, (h, w), train=train)
+    x, metrics = Encoder(name='Encoder', **self.encoder)(x, (h, w), train=train,
+                                                         labels=labels)
     if self.classifier in ('token', '0'):
       x = x[:, 0]
     elif self.classifier == 'gap':

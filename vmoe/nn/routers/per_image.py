@@ -1,0 +1,110 @@
+"""Per-image routing (Mobile V-MoE, arXiv 2309.04354).
+
+One decision per image: the router reads one vector per image (its class token or the
+mean of its tokens entering the layer), picks K experts, and every token of the image goes
+to them. Capacity counts images (C_img slots of T tokens each). Optional super-class
+guidance replaces the balancing losses by a cross-entropy between the router's softmax and
+the image's super-class (one super-class per expert).
+"""
+import json
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vmoe.nn import routing as routing_lib
+from vmoe.nn.routers.common import capacity_from_config, importance_loss, load_loss
+
+Array = jax.Array
+IMAGE_REPRS = ('mean', 'token')
+
+
+def load_superclasses(spec: Union[str, Sequence[int]], num_classes: int,
+                      num_experts: int) -> tuple[int, ...]:
+  """Class -> super-class table from a list or a JSON file of vmoe.tools.superclasses."""
+  table = spec
+  if isinstance(spec, str):
+    with open(spec) as f:
+      table = json.load(f)['superclass_of_class']
+  table = tuple(int(v) for v in table)
+  if len(table) != num_classes:
+    raise ValueError(f'The super-class table {spec if isinstance(spec, str) else ""} has '
+                     f'{len(table)} classes but the model has num_classes={num_classes}; '
+                     'derive it again for this dataset with python -m vmoe.tools.superclasses.')
+  bad = sorted({v for v in table if not 0 <= v < num_experts})
+  if bad:
+    raise ValueError(f'Super-classes {bad} are outside [0, num_experts={num_experts}); '
+                     'use one super-class per expert.')
+  return table
+
+
+def expand_to_tokens(r: routing_lib.SparseRouting, t: int) -> routing_lib.SparseRouting:
+  """Image-level routing (S_img images, C_img slots) -> token level (S = S_img * T, C_img * T)."""
+  g, e, c_img = r.slot_token.shape
+  s_img = r.token_slot.shape[1]
+  ti = jnp.arange(t, dtype=jnp.int32)
+  slot_token = jnp.where(r.slot_token[..., None] < s_img,
+                         r.slot_token[..., None] * t + ti, s_img * t)  # [G, E, C_img, T]
+  slot_weight = jnp.repeat(r.slot_weight, t, axis=-1)
+  token_slot = r.token_slot[:, :, None, :] * t + ti[None, None, :, None]  # [G, S_img, T, K]
+  token_slot = jnp.where(r.token_slot[:, :, None, :] < e * c_img, token_slot, e * c_img * t)
+  token_weight = jnp.repeat(r.token_weight[:, :, None, :], t, axis=2)
+  k = r.token_slot.shape[-1]
+  return routing_lib.SparseRouting(
+      slot_token.reshape(g, e, c_img * t), slot_weight,
+      token_slot.reshape(g, s_img * t, k), token_weight.reshape(g, s_img * t, k))
+
+
+class PerImageRouter(nn.Module):
+  """K experts per image. labels (int [B]) are needed in training with superclasses."""
+  num_experts: int
+  num_selected_experts: int = 1
+  noise_std: float = 1.0
+  image_repr: str = 'mean'
+  importance_loss_weight: float = 0.005
+  load_loss_weight: float = 0.005
+  superclasses: Optional[Union[str, Sequence[int]]] = None
+  num_classes: Optional[int] = None  # Filled in by the model from its num_classes.
+  superclass_loss_weight: float = 0.3
+  dispatcher: Optional[Mapping[str, Any]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool, tokens_per_image: int,
+               labels: Optional[Array] = None):
+    """x: [G, S, D], S = n images x T tokens -> (SparseRouting, metrics of [G] arrays)."""
+    g, s, d = x.shape
+    t, k, e = tokens_per_image, self.num_selected_experts, self.num_experts
+    n = s // t
+    xi = x.reshape(g, n, t, d)
+    xi = jnp.mean(xi, axis=2) if self.image_repr == 'mean' else xi[:, :, 0]
+    logits = nn.Dense(e, use_bias=False, name='dense')(xi)  # [G, n, E]
+    self.sow('intermediates', 'logits', logits)
+    gates_clean = jax.nn.softmax(logits)
+    gates, metrics = gates_clean, {}
+    if train and self.noise_std > 0:
+      noisy = logits + (self.noise_std / e) * jax.random.normal(self.make_rng('gating'),
+                                                                logits.shape)
+      gates = jax.nn.softmax(noisy)
+      metrics['load_loss'] = load_loss(logits, noisy, self.noise_std / e, k)
+    metrics['importance_loss'] = importance_loss(gates_clean)
+    if self.superclasses is not None:
+      aux = jnp.zeros((g,), x.dtype)
+      if labels is not None:
+        table = jnp.asarray(load_superclasses(self.superclasses, self.num_classes, e))
+        target = jax.nn.one_hot(table[labels.reshape(g, n)], e)
+        xent = -jnp.sum(target * jax.nn.log_softmax(logits), axis=-1)  # [G, n]
+        metrics['superclass_loss'] = jnp.mean(xent, axis=1)
+        aux = self.superclass_loss_weight * metrics['superclass_loss']
+        metrics['superclass_accuracy'] = jnp.mean(
+            jnp.argmax(logits, -1) == table[labels.reshape(g, n)], axis=1)
+    else:
+      aux = self.importance_loss_weight * metrics['importance_loss']
+      if 'load_loss' in metrics:
+        aux = aux + self.load_loss_weight * metrics['load_loss']
+    metrics['auxiliary_loss'] = aux
+    disp = self.dispatcher or {}
+    capacity = capacity_from_config(disp, n * k, e)
+    routing = routing_lib.top_experts_per_item(
+        gates, k, capacity, bool(disp.get('batch_priority', False)))
+    return expand_to_tokens(routing, t), metrics
