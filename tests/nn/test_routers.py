@@ -8,6 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from vmoe.nn import mlp
 from vmoe.nn import moe
 from vmoe.nn import models
 from vmoe.nn import routers
@@ -93,8 +94,8 @@ def test_soft_routing_weights_are_convex():
   layer = _layer('SoftRouter')
   params = jax.jit(lambda k: layer.init(k, X, train=False))(jax.random.PRNGKey(1))
   router = routers.SoftRouter(num_experts=E, num_slots=3)
-  r, _ = router.apply({'params': params['params']['Router']}, X.reshape(G, S, D),
-                      train=False, tokens_per_image=T)
+  r, _ = jax.jit(lambda p: router.apply({'params': p}, X.reshape(G, S, D), train=False,
+                                        tokens_per_image=T))(params['params']['Router'])
   assert r.dispatch_weights.shape == (G, S, E, 3)
   np.testing.assert_allclose(r.dispatch_weights.sum(axis=1), 1, atol=1e-5)
   np.testing.assert_allclose(r.combine_weights.sum(axis=(2, 3)), 1, atol=1e-5)
@@ -137,10 +138,10 @@ def test_shared_expert_output_is_shared_mlp_plus_routed_output():
   params, _, (y, _, _) = _run(layer, train=False)
   p = params['params']
   routed = _layer('NoisyTopExpertsPerItemRouter', num_selected_experts=1)
-  y_routed, _ = routed.apply({'params': {k: v for k, v in p.items() if k != 'SharedMlp_0'}},
-                             X, train=False)
-  from vmoe.nn.mlp import MlpBlock
-  y_shared = MlpBlock(16).apply({'params': p['SharedMlp_0']}, X, train=False)
+  y_routed = jax.jit(lambda q: routed.apply({'params': q}, X, train=False)[0])(
+      {k: v for k, v in p.items() if k != 'SharedMlp_0'})
+  y_shared = jax.jit(lambda q: mlp.MlpBlock(16).apply({'params': q}, X, train=False))(
+      p['SharedMlp_0'])
   np.testing.assert_allclose(y, y_routed + y_shared, atol=1e-5)
 
 
@@ -151,9 +152,10 @@ def test_superclass_guidance_adds_its_loss(tmp_path):
                                   num_classes=6, dispatcher={'capacity_factor': 1.0})
   xg = X.reshape(G, S, D)
   labels = jnp.arange(G * S // T) % 6
-  params = router.init(jax.random.PRNGKey(0), xg, train=False, tokens_per_image=T)
-  _, m = router.apply(params, xg, train=True, tokens_per_image=T, labels=labels,
-                      rngs={'gating': jax.random.PRNGKey(1)})
+  params = jax.jit(lambda k: router.init(k, xg, train=False, tokens_per_image=T))(
+      jax.random.PRNGKey(0))
+  _, m = jax.jit(lambda p: router.apply(p, xg, train=True, tokens_per_image=T, labels=labels,
+                                        rngs={'gating': jax.random.PRNGKey(1)}))(params)
   np.testing.assert_allclose(m['auxiliary_loss'], 0.3 * m['superclass_loss'], rtol=1e-6)
   assert (np.asarray(m['superclass_loss']) > 0).all()
 

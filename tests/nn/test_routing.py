@@ -9,6 +9,10 @@ import jax.numpy as jnp
 from vmoe.nn import routers
 from vmoe.nn import routing
 
+# Jitted once per shape: op-by-op execution would compile every primitive separately.
+top_experts = jax.jit(routing.top_experts_per_item, static_argnums=(1, 2, 3))
+top_items = jax.jit(routing.top_items_per_expert, static_argnums=(1,))
+
 
 @pytest.mark.parametrize('tokens,experts,cf,ceil_or_round,multiple_of,expected', [
     (400 * 2, 8, 1.05, 'ceil', 4, 108),  # S=400, K=2: 105 -> 108.
@@ -28,8 +32,12 @@ def test_capacity_below_one_is_an_error():
     routing.compute_capacity(10, 4, 0.01, 'round', None)
 
 
+def _per_token(r: routing.SparseRouting, s: int):
+  return jax.jit(lambda r: r.per_token(s))(r)
+
+
 def _dense(r: routing.SparseRouting, s: int):
-  slot, weight = r.per_token(s)
+  slot, weight = _per_token(r, s)
   return np.asarray(slot[0]), np.asarray(weight[0])
 
 
@@ -43,7 +51,7 @@ GATES_K1 = _gates([[.5, .3, .2], [.6, .2, .2], [.9, .05, .05],
 
 
 def test_top1_first_come_first_served_drops_the_late_token():
-  slot, weight = _dense(routing.top_experts_per_item(GATES_K1, 1, 2, False), 6)
+  slot, weight = _dense(top_experts(GATES_K1, 1, 2, False), 6)
   np.testing.assert_array_equal(slot, [[0, -1, -1], [1, -1, -1], [-1, -1, -1],
                                        [-1, 0, -1], [-1, -1, 0], [-1, 1, -1]])
   np.testing.assert_allclose(weight[:, 0], [.5, .6, 0, 0, 0, 0])
@@ -51,7 +59,7 @@ def test_top1_first_come_first_served_drops_the_late_token():
 
 
 def test_top1_batch_priority_drops_the_least_confident_token():
-  slot, weight = _dense(routing.top_experts_per_item(GATES_K1, 1, 2, True), 6)
+  slot, weight = _dense(top_experts(GATES_K1, 1, 2, True), 6)
   # BPR order by top-1 gate: t2 (.9), t3 (.8), t4 (.7), t1 (.6), t0 (.5), t5 (.4).
   np.testing.assert_array_equal(slot[:, 0], [-1, 1, 0, -1, -1, -1])
   np.testing.assert_array_equal(slot[:, 1], [-1, -1, -1, 0, -1, 1])
@@ -60,7 +68,7 @@ def test_top1_batch_priority_drops_the_least_confident_token():
 
 def test_top2_all_first_choices_before_any_second_choice():
   gates = _gates([[.7, .3], [.6, .4], [.2, .8]])
-  r = routing.top_experts_per_item(gates, 2, 2, False)
+  r = top_experts(gates, 2, 2, False)
   slot, weight = _dense(r, 3)
   # Tier 1: t0->e0 @0, t1->e0 @1, t2->e1 @0. Tier 2: t0->e1 @1, t1->e1 full, t2->e0 full.
   np.testing.assert_array_equal(slot, [[0, 1], [1, -1], [-1, 0]])
@@ -72,7 +80,7 @@ def test_top2_all_first_choices_before_any_second_choice():
 def test_explicit_capacity_never_exceeded_and_full_capacity_drops_nothing():
   gates = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (3, 40, 5)))
   for c in (1, 3, 80):
-    slot, _ = routing.top_experts_per_item(gates, 2, c, True).per_token(40)
+    slot, _ = _per_token(top_experts(gates, 2, c, True), 40)
     per_expert = np.sum(np.asarray(slot) >= 0, axis=1)  # [G, E]
     assert per_expert.max() <= c
     if c == 80:
@@ -81,7 +89,7 @@ def test_explicit_capacity_never_exceeded_and_full_capacity_drops_nothing():
 
 def test_expert_choice_fills_every_expert():
   gates = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (2, 16, 4)))
-  r = routing.top_items_per_expert(gates, 5)
+  r = top_items(gates, 5)
   assert (np.asarray(r.slot_token) < 16).all()
   top = np.sort(np.asarray(gates), axis=1)[:, ::-1][:, :5]  # [G, C, E]
   np.testing.assert_allclose(np.asarray(r.slot_weight), np.swapaxes(top, 1, 2))
@@ -129,7 +137,7 @@ def test_router_metrics_and_noise_only_in_training():
 
 
 def test_routing_metrics_count_dropped_tokens():
-  r = routing.top_experts_per_item(GATES_K1, 1, 2, False)
+  r = top_experts(GATES_K1, 1, 2, False)
   m = routers.routing_metrics(r, 6)
   np.testing.assert_allclose(m['dropped_tokens'], [1 / 6])
   np.testing.assert_allclose(m['expert_load'], [[2 / 5, 2 / 5, 1 / 5]])

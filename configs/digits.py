@@ -1,0 +1,76 @@
+r"""Tiny V-MoE on scikit-learn's 8x8 digits: the offline demo (CPU, minutes).
+
+  python -m vmoe.main --config=configs/digits.py --workdir=/tmp/vmoe_digits
+
+Patch 2 on the 8x8 images (16 tokens), width 64, 4 blocks, MLP 128, 4 heads,
+mean pooling ('gap'); MoE in blocks 1 and 3 with E=8 experts, K=2, groups of
+4 images' tokens (64), capacity factor 1.05. AdamW 1e-3 (100 warmup steps,
+cosine decay), weight decay 0.05, mixup 0.2, batch 128, 2,000 steps. The
+dataset (1,437 train / 360 test images) is built from scikit-learn into the
+TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets) on first use; nothing
+is downloaded.
+
+Measured (the command above, 2 CPU cores shared with other jobs, load
+average ~4): test prec@1 0.9778 (loss 0.1205) at step 2,000; on the way 0.9472
+at step 500, 0.9722 at 1,000, 0.9750 at 1,500. 391 s wall in all (about 40 s
+of start-up and compilation, 5.8-9 steps/s), 1.5 GB peak RSS. Without mixup
+the same model memorises the train set (train loss ~0.001) and stays at
+0.908 after 3,000 steps.
+
+Argument (configs/digits.py:key=value,...): router=NAME, a short name of
+vmoe.configs.common.ROUTER_VARIANTS (top_k (default, V-MoE), top_k_bpr,
+expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec, soft, per_image,
+shared_expert, or dense for a plain ViT) or a router class of
+vmoe.nn.routers.ROUTERS; num_experts=8; k=2 (experts per token; routers
+without that option get capacity factor times k instead); capacity_factor=1.05. Any key can also be overridden with
+--config.a.b=value, e.g. --config.train_steps=500.
+"""
+from vmoe.configs import common
+
+NUM_CLASSES = 10
+TOKENS = (8 // 2) ** 2  # Patch 2 on 8x8 images.
+DEFAULTS = dict(router='top_k', num_experts=8, k=2, capacity_factor=1.05)
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, DEFAULTS)
+  config = common.base_config(seed=0)
+  config.description = f'Tiny V-MoE on digits, E={a["num_experts"]}, {a["router"]}'
+  process = f'decode|{common.pp_labels(NUM_CLASSES)}'
+  config.dataset = common.ConfigDict(dict(
+      train=common.data_config(name='digits', split='train', process=process,
+                               batch_size=128, shuffle_buffer=2_000, cache=True),
+      test=common.data_config(name='digits', split='test', process=process,
+                              batch_size=128, cache=True)))
+  config.model = common.ConfigDict(dict(
+      name='VisionTransformerMoe',
+      num_classes=NUM_CLASSES,
+      patch_size=(2, 2),
+      hidden_size=64,
+      classifier='gap',
+      representation_size=None,
+      head_kernel_zero_init=True,
+      encoder=dict(
+          num_layers=4, mlp_dim=128, num_heads=4, dropout_rate=0.0,
+          attention_dropout_rate=0.0,
+          moe=common.moe_config(
+              a['router'], layers=common.every_n(2, 4),
+              num_experts=a['num_experts'], group_size=4 * TOKENS,
+              num_selected_experts=a['k'],
+              capacity_factor=a['capacity_factor']))))
+  config.loss = common.ConfigDict(dict(name='softmax_xent'))
+  config.optimizer = common.ConfigDict(dict(
+      name='adamw', b1=0.9, b2=0.999, weight_decay=0.05,
+      learning_rate=dict(schedule='warmup_cosine_decay', peak_value=1e-3,
+                         warmup_steps=100, end_value=0.0),
+      gradient_clip=dict(global_norm=common.config_dict.placeholder(float))))
+  # 1,437 images overfit: without mixup this model stays near 91% (train
+  # loss -> 0); mixup 0.2 (as in the paper's ImageNet configs) lifts it >95%.
+  config.mixup = common.ConfigDict(dict(concentration=0.2, size=2,
+                                        granularity='device'))
+  config.train_steps = 2_000
+  config.save_checkpoint.every_steps = 500
+  config.save_checkpoint.keep_last = 2
+  config.evaluate.every_steps = 500
+  config.report_progress.every_steps = 250
+  return config

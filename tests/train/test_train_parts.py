@@ -1,0 +1,74 @@
+"""Pieces of the train loop: RNG streams, mixup, metric summaries, train steps."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from vmoe.train import mixup
+from vmoe.train import train_state
+from vmoe.train import trainer
+
+
+def test_rng_streams_depend_only_on_seed_name_and_step():
+  a = train_state.rng_streams(0, 5, ['dropout', 'gating'])
+  b = train_state.rng_streams(0, jnp.int32(5), ['gating', 'dropout'])
+  np.testing.assert_array_equal(a['gating'], b['gating'])
+  np.testing.assert_array_equal(a['dropout'], b['dropout'])
+  keys = [train_state.rng_streams(0, 5, ['gating'])['gating'],
+          train_state.rng_streams(0, 6, ['gating'])['gating'],
+          train_state.rng_streams(1, 5, ['gating'])['gating'],
+          a['dropout']]
+  assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 4
+
+
+@pytest.mark.parametrize('granularity', mixup.GRANULARITIES)
+def test_mixup_keeps_each_example_dominant(granularity):
+  b, c = 8, 5
+  images = jnp.arange(b, dtype=jnp.float32)[:, None, None, None] * jnp.ones((b, 2, 2, 3))
+  labels = jax.nn.one_hot(jnp.arange(b) % c, c)
+  x, y = mixup.mixup(jax.random.PRNGKey(0), images, labels, num_shards=2,
+                     concentration=0.5, granularity=granularity)
+  assert x.shape == images.shape and y.shape == labels.shape
+  np.testing.assert_allclose(jnp.sum(y, axis=-1), 1.0, rtol=1e-6)
+  # Example i is mixed with the next one of its shard (i+1, cyclic per half),
+  # and keeps the larger weight.
+  partner = np.array([1, 2, 3, 0, 5, 6, 7, 4])
+  w = np.asarray(x[:, 0, 0, 0]) - partner
+  w = w / (np.arange(b) - partner)  # x = w * i + (1 - w) * partner.
+  assert np.all(w >= 0.5 - 1e-5) and np.all(w <= 1 + 1e-5)
+  if granularity == 'batch':
+    np.testing.assert_allclose(w, w[0], rtol=1e-5)
+
+
+def test_mixup_rejects_bad_options():
+  with pytest.raises(ValueError, match='mixup.granularity'):
+    mixup.check_config(0.2, granularity='pixel')
+  with pytest.raises(ValueError, match='mixup.concentration'):
+    mixup.check_config(0.0)
+
+
+def test_summarize_metrics():
+  metrics = {'auxiliary_loss': jnp.array([1.0, 3.0]),
+             'encoderblock_1': {'importance_loss': jnp.array([2.0, 4.0]),
+                                'expert_load': jnp.array([[0.1, 0.9], [0.3, 0.7]])}}
+  out = {k: float(v) for k, v in trainer.summarize_metrics(metrics).items()}
+  assert out == pytest.approx({'auxiliary_loss': 2.0,
+                               'encoderblock_1/importance_loss': 3.0,
+                               'encoderblock_1/expert_load_max': 0.8})
+
+
+def test_metrics_window_averages_and_keeps_last_learning_rate():
+  window = trainer.MetricsWindow()
+  assert not window
+  for i in range(3):
+    window.add({'loss': jnp.float32(i), 'learning_rate': jnp.float32(10 * i)})
+  assert window.pop(last={'learning_rate': jnp.float32(20)}) == {
+      'loss': 1.0, 'learning_rate': 20.0}
+  assert not window
+
+
+def test_train_steps_from_epochs_rounds_up():
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  config = ConfigDict({'train_epochs': 2, 'dataset': {'train': {'batch_size': 128}}})
+  assert trainer.get_train_steps(config, num_train_examples=1437) == 23  # 22.45
+  config = ConfigDict({'train_steps': 7, 'dataset': {'train': {'batch_size': 128}}})
+  assert trainer.get_train_steps(config, num_train_examples=1437) == 7

@@ -1,0 +1,209 @@
+"""Building blocks shared by the config files in configs/.
+
+A config file defines `get_config(arg=None)`; `arg` is the text after ':' in
+`--config=configs/FILE.py:ARG`, a comma-separated list of key=value pairs
+parsed by `parse_arg`.
+"""
+import ast
+import importlib.util
+import math
+import os
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+from vmoe.nn import models
+from vmoe.nn import routers
+
+ConfigDict = ml_collections.ConfigDict
+
+# ViT variants of the V-MoE paper (its "S" has 8 layers, unlike later ViT-S).
+VARIANTS = {
+    'S': dict(hidden_size=512, num_layers=8, mlp_dim=2048, num_heads=8),
+    'B': dict(hidden_size=768, num_layers=12, mlp_dim=3072, num_heads=12),
+    'L': dict(hidden_size=1024, num_layers=24, mlp_dim=4096, num_heads=16),
+    'H': dict(hidden_size=1280, num_layers=32, mlp_dim=5120, num_heads=16),
+}
+
+
+def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """'k1=v1,k2=v2' -> defaults updated with the parsed values.
+
+  Values are Python literals (3, 0.5, True, None) or else plain strings, and
+  must have the type of the default (an int is accepted for a float).
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f'Bad config argument {item!r}: expected key=value with '
+                       f'key in {sorted(defaults)}.')
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    default = defaults[key]
+    if default is not None and not isinstance(value, type(default)):
+      if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+      else:
+        raise ValueError(f'Config argument {key}={text!r} must be of type '
+                         f'{type(default).__name__}, like the default {default!r}.')
+    out[key] = value
+  return out
+
+
+def load_config(spec: str) -> ConfigDict:
+  """'path/to/FILE.py[:ARG]' -> FILE.get_config(ARG), as --config does."""
+  path, _, arg = spec.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f'config_{name}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def base_config(*, seed: int = 0) -> ConfigDict:
+  """Run options every config has (the reference's names and defaults)."""
+  c = ConfigDict()
+  c.seed = seed
+  c.extra_rng_keys = ('dropout', 'gating')
+  c.save_checkpoint = ConfigDict(dict(every_steps=1_000, keep_last=1))
+  c.evaluate = ConfigDict(dict(every_steps=1_000))
+  c.report_progress = ConfigDict(dict(
+      every_steps=100, every_secs=config_dict.placeholder(float)))
+  return c
+
+
+def data_config(*, name: str, split: str, process: str, batch_size: int,
+                shuffle_buffer: int | None = None, cache: bool | None = None,
+                prefetch: int = 2, data_dir: str | None = None) -> ConfigDict:
+  """One entry of config.dataset; batch_size is the global batch."""
+  return ConfigDict(dict(
+      name=name, split=split, process=process, batch_size=batch_size,
+      shuffle_buffer=config_dict.placeholder(int) if shuffle_buffer is None
+      else shuffle_buffer,
+      cache=config_dict.placeholder(bool) if cache is None else cache,
+      prefetch=prefetch,
+      data_dir=config_dict.placeholder(str) if data_dir is None else data_dir))
+
+
+def pp_labels(num_classes: int) -> str:
+  """The common tail of the preprocessing strings: [-1, 1] pixels, one-hot."""
+  return (f'value_range(-1,1)|onehot({num_classes}, key="label", '
+          f'key_result="labels")|keep("image", "labels")')
+
+
+# Short names of the MoE variants the papers compare (e.g. `router=NAME` of
+# configs/digits.py): (router class, dispatcher options, MoE layer options).
+ROUTER_VARIANTS = {
+    'dense': ('NoisyTopExpertsPerItemRouter', {}, {'layers': ()}),  # No MoE.
+    'top_k': ('NoisyTopExpertsPerItemRouter', {}, {}),  # V-MoE.
+    'top_k_bpr': ('NoisyTopExpertsPerItemRouter', {'batch_priority': True}, {}),
+    'expert_choice': ('NoisyTopItemsPerExpertRouter', {}, {}),
+    'sinkhorn_tc': ('SinkhornTopExpertsPerItemRouter', {}, {}),
+    'sinkhorn_ec': ('SinkhornTopItemsPerExpertRouter', {}, {}),
+    'sparse_ec': ('SparseTransportTopItemsPerExpertRouter', {}, {}),
+    'soft': ('SoftRouter', {}, {}),
+    'per_image': ('PerImageRouter', {}, {}),  # Mobile V-MoE.
+    'shared_expert': ('NoisyTopExpertsPerItemRouter', {}, {'shared_experts': 1}),
+}
+
+
+def router_config(name: str, *, num_selected_experts: int,
+                  capacity_factor: float, bfloat16: bool = False) -> ConfigDict:
+  """Router class `name` with the V-MoE paper's settings, keeping only the
+  options that router has (expert choice has no num_selected_experts, Soft MoE
+  sizes its slots itself and adds no noise).
+
+  Routers without num_selected_experts size their buffers from the S tokens
+  of a group rather than from S * K choices; their capacity factor is scaled
+  by K so that every router does the same expert compute.
+  """
+  fields = set(routers.router_fields(name))
+  if 'num_selected_experts' not in fields:
+    capacity_factor *= num_selected_experts
+  dispatcher = dict(name='einsum', bfloat16=bfloat16)
+  wanted = dict(num_selected_experts=num_selected_experts,
+                importance_loss_weight=0.005, load_loss_weight=0.005,
+                # A typed empty value, so that --config...superclasses=PATH works.
+                superclasses=config_dict.placeholder(str))
+  if name in routers.HARD_ROUTERS:
+    dispatcher['capacity_factor'] = capacity_factor
+    wanted['noise_std'] = 1.0
+  else:
+    wanted['capacity_factor'] = capacity_factor
+  return ConfigDict({'name': name, 'dispatcher': dispatcher,
+                     **{k: v for k, v in wanted.items() if k in fields}})
+
+
+def moe_config(router: str, *, layers, num_experts: int, group_size: int,
+               num_selected_experts: int, capacity_factor: float,
+               bfloat16: bool = False) -> ConfigDict:
+  """model.encoder.moe for `router`: a short name of ROUTER_VARIANTS or a
+  router class name of vmoe.nn.routers.ROUTERS."""
+  if router in ROUTER_VARIANTS:
+    router, dispatcher_options, moe_options = ROUTER_VARIANTS[router]
+  elif router in routers.ROUTERS:
+    dispatcher_options, moe_options = {}, {}
+  else:
+    raise ValueError(f'router={router!r} is unknown; valid: '
+                     f'{sorted(ROUTER_VARIANTS)} or a router class of '
+                     f'{sorted(routers.ROUTERS)}.')
+  r = router_config(router, num_selected_experts=num_selected_experts,
+                    capacity_factor=capacity_factor, bfloat16=bfloat16)
+  r.dispatcher.update(dispatcher_options)
+  moe = ConfigDict(dict(layers=tuple(layers), num_experts=num_experts,
+                        group_size=group_size, split_rngs=False, router=r))
+  moe.update(moe_options)
+  return moe
+
+
+def vmoe_model(*, variant: str, patch: int, image_size: int, num_classes: int,
+               num_experts: int, num_selected_experts: int, moe_layers,
+               images_per_group: int = 8, capacity_factor: float = 1.05,
+               router: str = 'top_k',
+               representation_size: bool = True,
+               head_bias_init: float | None = None) -> ConfigDict:
+  """V-MoE in the reference's schema ('token' classifier, as in the paper).
+
+  Groups hold `images_per_group` images' tokens, so a group never spans two
+  devices as long as each device has a multiple of that many images.
+  """
+  v = VARIANTS[variant]
+  tokens = (image_size // patch) ** 2 + 1  # + the class token.
+  return ConfigDict(dict(
+      name='VisionTransformerMoe',
+      num_classes=num_classes,
+      patch_size=(patch, patch),
+      hidden_size=v['hidden_size'],
+      classifier='token',
+      representation_size=v['hidden_size'] if representation_size else None,
+      head_bias_init=(-math.log(num_classes) if head_bias_init is None
+                      else head_bias_init),
+      encoder=dict(
+          num_layers=v['num_layers'], mlp_dim=v['mlp_dim'],
+          num_heads=v['num_heads'], dropout_rate=0.0,
+          attention_dropout_rate=0.0,
+          # split_rngs=False: the paper starts all experts identical.
+          moe=moe_config(router, layers=moe_layers, num_experts=num_experts,
+                         group_size=images_per_group * tokens,
+                         num_selected_experts=num_selected_experts,
+                         capacity_factor=capacity_factor, bfloat16=True)),
+  ))
+
+
+def paper_optimizer(*, peak_value: float, warmup_steps: int = 10_000,
+                    global_norm: float | None = 1.0) -> ConfigDict:
+  """Adam, linear warmup and decay to 1e-5, decay 0.1 on kernels (paper)."""
+  return ConfigDict(dict(
+      name='adam', b1=0.9, b2=0.999,
+      weight_decay=[('.*/kernel', 0.1)],
+      learning_rate=dict(schedule='warmup_linear_decay', peak_value=peak_value,
+                         end_value=1e-5, warmup_steps=warmup_steps),
+      gradient_clip=dict(global_norm=global_norm)))
+
+
+every_n = models.every_n
+last_n = models.last_n

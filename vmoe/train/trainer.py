@@ -1,0 +1,329 @@
+"""Config-driven training with periodic evaluation and checkpointing.
+
+Parallelism: a 1-D mesh over all devices with one axis 'data'. Params and
+optimizer state are replicated, every batch is sharded over 'data'. The axis
+type is Auto: the model code is sharding-agnostic (its group reshapes and
+einsums carry no sharding annotations), and with Auto the compiler propagates
+the batch sharding through them, where Explicit would demand an out_sharding
+at every reshape that touches the batch axis.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from vmoe.checkpoints import training as checkpoints
+from vmoe.data import pipeline
+from vmoe.nn import models
+from vmoe.train import config_checks
+from vmoe.train import evaluator
+from vmoe.train import losses
+from vmoe.train import mixup as mixup_lib
+from vmoe.train import optimizers
+from vmoe.train import preemption
+from vmoe.train import train_state as train_state_lib
+
+P = jax.sharding.PartitionSpec
+TrainState = train_state_lib.TrainState
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def get_train_steps(config, num_train_examples: int) -> int:
+  if config.get('train_steps') is not None:
+    return config.train_steps
+  batch_size = config.dataset.train.batch_size
+  return math.ceil(config.train_epochs * num_train_examples / batch_size)
+
+
+def summarize_metrics(metrics: Mapping[str, Any], prefix: str = '') -> dict:
+  """Nested model metrics -> scalars {'encoderblock_1/importance_loss': ...}.
+
+  A [G] metric (one value per group) gives its mean. A [G, E] one (e.g.
+  expert_load) gives the max over experts of its mean over groups
+  ('..._max'), since its mean over experts is a constant 1/E.
+  """
+  out = {}
+  for k, v in metrics.items():
+    if isinstance(v, Mapping):
+      out.update(summarize_metrics(v, f'{prefix}{k}/'))
+    elif jnp.ndim(v) > 1:
+      out[f'{prefix}{k}_max'] = jnp.max(jnp.mean(v, axis=0))
+    else:
+      out[f'{prefix}{k}'] = jnp.mean(v)
+  return out
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, loss_fn,
+                    *, seed: int, rng_names, mixup_config, num_shards: int):
+  """Returns train_step(state, batch) -> (state, metrics: {name: []})."""
+  def train_step(state: TrainState, batch):
+    rngs = train_state_lib.rng_streams(seed, state.step,
+                                       tuple(rng_names) + ('mixup',))
+    mixup_rng = rngs.pop('mixup')
+    images, labels = batch['image'], batch['labels']
+    if mixup_config:
+      images, labels = mixup_lib.mixup(mixup_rng, images, labels,
+                                       num_shards=num_shards, **mixup_config)
+
+    def loss_and_metrics(params):
+      # Class ids, for routers that learn from them (super-class guided
+      # routing); with mixup, the class of the dominant example.
+      logits, metrics = model.apply({'params': params}, images, train=True,
+                                    labels=jnp.argmax(labels, axis=-1), rngs=rngs)
+      main_loss = jnp.mean(loss_fn(logits, labels))
+      auxiliary_loss = jnp.mean(metrics['auxiliary_loss'])
+      metrics = summarize_metrics(metrics)
+      metrics.update(
+          main_loss=main_loss, auxiliary_loss=auxiliary_loss,
+          loss=main_loss + auxiliary_loss,
+          **{'prec@1': jnp.mean(losses.precision_at_1(logits, labels))})
+      return main_loss + auxiliary_loss, metrics
+
+    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['learning_rate'] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+  return train_step
+
+
+class MetricsWindow:
+  """Averages the train metrics of the steps since the last report.
+
+  Sums stay on the device, so that no step waits for the previous one.
+  """
+
+  def __init__(self):
+    self._sums, self._n = None, 0
+    self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+  def add(self, metrics):
+    self._sums = metrics if self._sums is None else self._add(self._sums, metrics)
+    self._n += 1
+
+  def __bool__(self) -> bool:
+    return self._n > 0
+
+  def pop(self, *, last: Mapping[str, Any]) -> dict[str, float]:
+    means = {k: float(v) / self._n for k, v in jax.device_get(self._sums).items()}
+    means['learning_rate'] = float(last['learning_rate'])  # Not an average.
+    self._sums, self._n = None, 0
+    return means
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding) -> dict:
+  """This process's rows -> global jax arrays sharded over 'data'."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def write_json_atomically(path: str, obj):
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_inputs(config, eval_model_config, image_shape, eval_sets):
+  """Checks the model against the real input shapes (patches tile the image,
+  groups tile each device's tokens), before anything is compiled."""
+  n = jax.device_count()
+  models.check_input(config.model, config.dataset.train.batch_size // n,
+                     image_shape[1:3])
+  for name, iterable in eval_sets.items():
+    eval_image_shape = next(iter(iterable))['image'].shape
+    models.check_input(eval_model_config, config.dataset[name].batch_size // n,
+                       eval_image_shape[1:3])
+
+
+def create_or_restore_state(ckpt, step: int, init_fn,
+                            state_sharding) -> TrainState:
+  """The state of checkpoint `step`, or a new one if `step` is 0."""
+  if not step:
+    return jax.jit(init_fn, out_shardings=state_sharding)()
+  logging.info('Resuming from the checkpoint of step %d.', step)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(init_fn), state_sharding)
+  return ckpt.restore(step, abstract)[0]
+
+
+def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
+  """Prints one line per eval split and writes WORKDIR/final_metrics.json:
+  {split: {'prec@1', 'loss', 'num_examples'}, 'step': ..., **info}."""
+  for name, r in results.items():
+    line = (f'Final {name}: prec@1={r["prec@1"]:.4f} loss={r["loss"]:.4f} '
+            f'({r["num_examples"]} examples, step {step})')
+    print(line, flush=True)
+    logging.info(line)
+  if jax.process_index() == 0:
+    write_json_atomically(os.path.join(workdir, 'final_metrics.json'),
+                          {**results, 'step': step, **info})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (resuming from WORKDIR/checkpoints if any) and evaluates.
+
+  Returns the final eval metrics {split: {'prec@1', 'loss', 'num_examples'}},
+  or None if SIGTERM stopped the run (after saving a checkpoint).
+  """
+  config_checks.check_config(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
+  seed = config.get('seed', 0)
+  train_cfg = config.dataset.train
+  num_train_examples, _ = pipeline.get_dataset_info(train_cfg)
+  train_steps = get_train_steps(config, num_train_examples)
+  eval_model_config = config_checks.eval_model_config(config.to_dict())
+  model = models.build_model(config.model)
+  eval_model = models.build_model(eval_model_config)
+  tx, schedule = optimizers.create_optimizer(
+      **config.optimizer.to_dict(), total_steps=train_steps)
+  loss_fn = losses.LOSSES[config.loss.name]
+  ckpt = checkpoints.TrainCheckpointer(
+      workdir, every_steps=config.get('save_checkpoint', {}).get('every_steps'),
+      keep_last=config.get('save_checkpoint', {}).get('keep_last', 1))
+
+  # The data position is the step: a resumed run reads the batches an
+  # uninterrupted run would read next.
+  init_step = ckpt.latest_step() or 0
+  train_iter = pipeline.make_train_iterator(train_cfg, seed=seed,
+                                            start_batch=init_step)
+  eval_sets = {name: pipeline.make_eval_iterable(cfg)
+               for name, cfg in config.dataset.items() if name != 'train'}
+  first = next(train_iter)
+  check_inputs(config, eval_model_config, first['image'].shape, eval_sets)
+  per_device_batch = train_cfg.batch_size // jax.device_count()
+  init_fn = train_state_lib.make_init_fn(
+      model, tx, image_shape=(per_device_batch,) + first['image'].shape[1:],
+      seed=seed)
+  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn))
+  state = create_or_restore_state(ckpt, init_step, init_fn, state_sharding)
+  parameter_overview.log_parameter_overview(state.params)
+
+  train_step = jax.jit(
+      make_train_step(model, tx, schedule, loss_fn, seed=seed,
+                      rng_names=config.get('extra_rng_keys', ()),
+                      mixup_config=(config.mixup.to_dict()
+                                    if config.get('mixup') else None),
+                      num_shards=jax.device_count()),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,))
+  eval_step = evaluator.make_eval_step(
+      eval_model, loss_fn, params_sharding=state_sharding.params,
+      batch_sharding=batch_sharding)
+
+  def run_evaluation(step: int) -> dict[str, dict[str, float]]:
+    results = {}
+    for name, iterable in eval_sets.items():
+      with progress.timed(f'eval_{name}'):
+        results[name] = evaluator.evaluate(
+            eval_step, state.params,
+            (global_batch(b, batch_sharding) for b in iterable),
+            num_examples=iterable.num_examples)
+      logging.info('Step %d, %s: prec@1=%.4f loss=%.4f', step, name,
+                   results[name]['prec@1'], results[name]['loss'])
+    writer.write_scalars(step, {f'{name}/{k}': v for name, r in results.items()
+                                for k, v in r.items() if k != 'num_examples'})
+    return results
+
+  if jax.process_index() == 0:
+    write_json_atomically(os.path.join(workdir, 'config.json'),
+                          json.loads(config.to_json_best_effort()))
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  report = config.get('report_progress', {})
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=train_steps, writer=writer,
+      every_steps=report.get('every_steps'), every_secs=report.get('every_secs'))
+  eval_every = config.get('evaluate', {}).get('every_steps')
+  window = MetricsWindow()
+  batches = _chain([first], train_iter)
+  timer = StepTimer()
+  with jax.set_mesh(mesh), preemption.SigtermFlag() as sigterm:
+    for step in range(init_step + 1, train_steps + 1):
+      state, metrics = train_step(state, global_batch(next(batches),
+                                                      batch_sharding))
+      timer.step_done(step - init_step, metrics)
+      window.add(metrics)
+      if progress(step):
+        writer.write_scalars(step, {f'train/{k}': v for k, v in
+                                    window.pop(last=metrics).items()})
+      if ckpt.should_save(step) or step == train_steps:
+        with progress.timed('checkpoint'), timer.excluded():
+          ckpt.save(step, state)
+      if eval_every and step % eval_every == 0 and step != train_steps:
+        with timer.excluded():
+          run_evaluation(step)
+      if sigterm.is_set():
+        ckpt.save(step, state)
+        ckpt.close()
+        writer.close()
+        logging.warning('Stopped by SIGTERM at step %d; checkpoint saved.', step)
+        return None
+    if window:  # E.g. a resumed run of a single step never triggers progress.
+      writer.write_scalars(train_steps, {f'train/{k}': v for k, v in
+                                         window.pop(last=metrics).items()})
+    seconds_per_step = timer.seconds_per_step(state)
+    results = run_evaluation(train_steps)
+  ckpt.close()
+  writer.close()
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  report_final(workdir, train_steps, results, num_params=num_params,
+               train_seconds_per_step=seconds_per_step)
+  return results
+
+
+class StepTimer:
+  """Seconds per train step of this run, without the first step (compilation)
+  and without the time spent checkpointing and evaluating."""
+
+  def __init__(self):
+    self._start, self._steps, self._excluded = None, 0, 0.0
+
+  def step_done(self, steps_this_run: int, metrics):
+    if steps_this_run == 1:
+      jax.block_until_ready(metrics)
+      self._start = time.perf_counter()
+    self._steps = steps_this_run
+
+  @contextlib.contextmanager
+  def excluded(self):
+    t = time.perf_counter()
+    yield
+    self._excluded += time.perf_counter() - t
+
+  def seconds_per_step(self, state) -> float | None:
+    if self._steps < 2:
+      return None
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - self._start - self._excluded
+    logging.info('Trained %d steps at %.1f ms per step.', self._steps,
+                 1e3 * elapsed / (self._steps - 1))
+    return elapsed / (self._steps - 1)
+
+
+def _chain(*iterables):
+  for it in iterables:
+    yield from it
