@@ -1,0 +1,43 @@
+"""FLOPs per image against a hand count, and how they follow the capacity."""
+import copy
+
+import pytest
+
+from vmoe.evaluate import flops
+from vmoe.nn import models
+
+# 8x8 images, patch 4 -> 4 patches + cls = 5 tokens; D 8, H 16, 2 layers, MoE in layer 1.
+CONFIG = {
+    'num_classes': 3, 'patch_size': (4, 4), 'hidden_size': 8, 'classifier': 'token',
+    'representation_size': 4,
+    'encoder': {'num_layers': 2, 'mlp_dim': 16, 'num_heads': 2,
+                'moe': {'layers': (1,), 'num_experts': 4, 'group_size': 10,
+                        'router': {'num_selected_experts': 2, 'dispatcher': {
+                            'capacity_factor': 1.0, 'capacity_multiple_of': 1}}}},
+}
+
+
+def test_hand_count():
+  t, d, h = 5, 8, 16
+  embed = 2 * 4 * (4 * 4 * 3) * d
+  attention = 4 * 2 * t * d * d + 2 * 2 * t * t * d
+  dense_mlp = 2 * 2 * d * h * t
+  # Group of 10 tokens (2 images), K=2: capacity 10 * 2 / 4 = 5 slots per expert, so 20
+  # slots per group and 10 per image, each a D -> H -> D MLP; router 2 * t * d * E.
+  moe = 2 * t * d * 4 + 10 * 2 * 2 * d * h
+  head = 2 * d * 4 + 2 * 4 * 3
+  expected = embed + 2 * attention + dense_mlp + moe + head
+  assert flops.flops_per_image(CONFIG, (8, 8)) == expected
+
+
+def test_flops_follow_capacity_and_k():
+  low = models.apply_overrides(copy.deepcopy(CONFIG), {
+      'encoder.moe.router.dispatcher.capacity_factor': 0.5})
+  k1 = models.apply_overrides(copy.deepcopy(CONFIG), {
+      'encoder.moe.router.num_selected_experts': 1})
+  full = flops.flops_per_image(CONFIG, (8, 8))
+  mlp_slot = 2 * 2 * 8 * 16
+  # cf 0.5: ceil(2.5) = 3 slots per expert -> 12 per group, 6 per image (was 10).
+  assert full - flops.flops_per_image(low, (8, 8)) == pytest.approx(4 * mlp_slot)
+  assert flops.flops_per_image(k1, (8, 8)) < full
+  assert flops.moe_slots_per_image(low, 2, (8, 8)) == 6

@@ -1,0 +1,130 @@
+"""Routing analysis (ViMoE-style): which MoE layers specialise by class, and which do not.
+
+Per MoE layer, over an eval split, from the routing each token actually got:
+- expert load histogram (share of routed token assignments per expert),
+- class x expert counts (heatmap), normalised per class,
+- routing entropy: of the aggregate load (1 = perfectly balanced) and of the per-token
+  router softmax (low = confident),
+- fraction of tokens dropped (processed by no expert),
+- specialisation: mutual information between the image's class and the expert a token
+  goes to, divided by the class entropy (0 = experts ignore the class, 1 = the expert
+  determines the class),
+- a recommendation: layers whose specialisation is below `threshold` x the best layer's
+  are candidates to make dense or remove (ViMoE keeps the layers that specialise).
+"""
+import json
+import os
+from typing import Mapping, Optional
+
+import numpy as np
+
+
+class RoutingStats:
+  """Accumulates routing counts of one MoE layer over batches."""
+
+  def __init__(self, num_classes: int, num_experts: int):
+    self.class_expert = np.zeros((num_classes, num_experts), np.int64)
+    self.tokens = 0
+    self.dropped = 0
+    self.gate_entropy_sum = 0.0
+    self.gate_entropy_count = 0
+
+  def add(self, buffer_slot: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+          logits: Optional[np.ndarray] = None):
+    """buffer_slot: [G, S, E] (-1 = not routed); labels, valid: [B] of the batch's images.
+
+    Groups hold whole images in order, so token i of the flattened [G * S] belongs to
+    image i // T with T = G * S / B.
+    """
+    g, s, e = buffer_slot.shape
+    routed = (buffer_slot >= 0).reshape(g * s, e)
+    t = g * s // labels.shape[0]
+    img_labels = np.repeat(labels, t)
+    img_valid = np.repeat(valid, t).astype(bool)
+    routed, img_labels = routed[img_valid], img_labels[img_valid]
+    np.add.at(self.class_expert, (img_labels[:, None].repeat(e, 1)[routed],
+                                  np.broadcast_to(np.arange(e), routed.shape)[routed]), 1)
+    self.tokens += int(img_valid.sum())
+    self.dropped += int((~routed.any(axis=1)).sum())
+    if logits is not None and logits.ndim == 3:
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      ent = -(p * np.log(p + 1e-12)).sum(-1).reshape(-1)
+      if ent.shape[0] == img_valid.shape[0]:  # Per-token logits (not per-image).
+        ent = ent[img_valid]
+      self.gate_entropy_sum += float(ent.sum())
+      self.gate_entropy_count += int(ent.shape[0])
+
+  def summary(self) -> dict:
+    counts = self.class_expert.astype(np.float64)
+    e = counts.shape[1]
+    total = counts.sum()
+    load = counts.sum(0) / max(total, 1)
+    p = counts / max(total, 1)
+    pc, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / (pc @ pe)[nz])).sum())
+    h_class = float(-(pc[pc > 0] * np.log(pc[pc > 0])).sum())
+    h_load = float(-(load[load > 0] * np.log(load[load > 0])).sum())
+    return {
+        'expert_load': load.tolist(),
+        'load_entropy': h_load / np.log(e) if e > 1 else 1.0,
+        'gate_entropy': (self.gate_entropy_sum / self.gate_entropy_count
+                         if self.gate_entropy_count else None),
+        'dropped_fraction': self.dropped / max(self.tokens, 1),
+        'mutual_information': mi,
+        'specialisation': mi / h_class if h_class > 0 else 0.0,
+        'class_expert_counts': self.class_expert.tolist(),
+    }
+
+
+def recommend(summaries: Mapping[str, dict], threshold: float = 0.5) -> dict:
+  """Layers that specialise (keep as MoE) and those that do not (make dense)."""
+  if not summaries:
+    return {'keep_moe': [], 'make_dense': [], 'threshold': threshold}
+  best = max(s['specialisation'] for s in summaries.values())
+  cut = threshold * best
+  keep = [k for k, s in summaries.items() if s['specialisation'] >= cut]
+  return {'keep_moe': keep, 'make_dense': [k for k in summaries if k not in keep],
+          'threshold': threshold, 'best_specialisation': best}
+
+
+def plot_layers(summaries: Mapping[str, dict], path: str, class_names=None):
+  """PNG: per layer, the load histogram and the class x expert heatmap (row-normalised)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(summaries)
+  fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 1, 6.5), squeeze=False)
+  for j, (layer, s) in enumerate(summaries.items()):
+    load = np.asarray(s['expert_load'])
+    axes[0, j].bar(range(len(load)), load)
+    axes[0, j].set_title(f'{layer}\nspec. {s["specialisation"]:.2f}, '
+                         f'dropped {s["dropped_fraction"]:.1%}', fontsize=9)
+    axes[0, j].set_xlabel('expert')
+    axes[0, j].set_ylabel('share of assignments')
+    counts = np.asarray(s['class_expert_counts'], np.float64)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    im = axes[1, j].imshow(rates, aspect='auto', cmap='magma', vmin=0)
+    axes[1, j].set_xlabel('expert')
+    axes[1, j].set_ylabel('class')
+    if class_names:
+      axes[1, j].set_yticks(range(len(class_names)), class_names, fontsize=6)
+    fig.colorbar(im, ax=axes[1, j], fraction=0.046)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _save(fig, path: str):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
