@@ -95,17 +95,26 @@ class _TransportRouter(nn.Module):
     return logits, jax.nn.softmax(logits)
 
 
-class SinkhornTopExpertsPerItemRouter(_TransportRouter):
-  """Sinkhorn token choice: each token's top-K experts of the entropic plan."""
-  num_selected_experts: int = 1
+class _SinkhornRouter(_TransportRouter):
+  """Entropic plan from the (noisy) logits; it ranks, the softmax gates weigh."""
   sinkhorn_iters: int = 20
   epsilon: float = 1.0
+
+  @nn.nowrap
+  def gates_and_plan(self, x: Array, train: bool):
+    logits, gates = self.logits_and_gates(x, train)
+    plan = sinkhorn_plan(logits, self.sinkhorn_iters, self.epsilon)
+    return gates, jax.lax.stop_gradient(plan)
+
+
+class SinkhornTopExpertsPerItemRouter(_SinkhornRouter):
+  """Sinkhorn token choice: each token's top-K experts of the entropic plan."""
+  num_selected_experts: int = 1
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, **unused):
     _, s, _ = x.shape
-    logits, gates = self.logits_and_gates(x, train)
-    plan = jax.lax.stop_gradient(sinkhorn_plan(logits, self.sinkhorn_iters, self.epsilon))
+    gates, plan = self.gates_and_plan(x, train)
     disp = self.dispatcher or {}
     capacity = capacity_from_config(disp, s * self.num_selected_experts, self.num_experts)
     routing = routing_lib.top_experts_per_item(
@@ -114,16 +123,13 @@ class SinkhornTopExpertsPerItemRouter(_TransportRouter):
     return routing, {'auxiliary_loss': jnp.zeros(x.shape[:1], x.dtype), **plan_metrics(plan)}
 
 
-class SinkhornTopItemsPerExpertRouter(_TransportRouter):
+class SinkhornTopItemsPerExpertRouter(_SinkhornRouter):
   """Sinkhorn expert choice: each expert's top-C tokens of the entropic plan."""
-  sinkhorn_iters: int = 20
-  epsilon: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, **unused):
     _, s, _ = x.shape
-    logits, gates = self.logits_and_gates(x, train)
-    plan = jax.lax.stop_gradient(sinkhorn_plan(logits, self.sinkhorn_iters, self.epsilon))
+    gates, plan = self.gates_and_plan(x, train)
     capacity = capacity_from_config(self.dispatcher or {}, s, self.num_experts)
     routing = routing_lib.top_items_per_expert(plan, capacity, weights=gates)
     return routing, {**expert_choice_metrics(routing, s, self.num_experts),
