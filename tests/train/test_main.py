@@ -40,11 +40,9 @@ TINY = [
 @pytest.fixture(scope='module')
 def env(digits_data_dir, tmp_path_factory):
   cache = str(tmp_path_factory.mktemp('jax_cache'))
-  # LLVM -O0 compiles these tiny programs 3-4x faster; every run here uses
-  # the same flags, so the bit-equality check is unaffected.
-  xla_flags = (os.environ.get('XLA_FLAGS', '') +
-               ' --xla_backend_optimization_level=0').strip()
-  return dict(os.environ, TFDS_DATA_DIR=digits_data_dir, XLA_FLAGS=xla_flags,
+  # The runs inherit conftest's JAX_DISABLE_MOST_OPTIMIZATIONS (fast compiles
+  # of these tiny programs); all use the same flags, so bit-equality holds.
+  return dict(os.environ, TFDS_DATA_DIR=digits_data_dir,
               JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
