@@ -10,20 +10,22 @@ dataset (1,437 train / 360 test images) is built from scikit-learn into the
 TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets) on first use; nothing
 is downloaded.
 
-Measured (the command above, 2 CPU cores shared with other jobs, load
-average ~4): test prec@1 0.9778 (loss 0.1205) at step 2,000; on the way 0.9472
-at step 500, 0.9722 at 1,000, 0.9750 at 1,500. 391 s wall in all (about 40 s
-of start-up and compilation, 5.8-9 steps/s), 1.5 GB peak RSS. Without mixup
-the same model memorises the train set (train loss ~0.001) and stays at
-0.908 after 3,000 steps.
+Measured with the command above (2 CPU cores, jax 0.10.2 CPU): test prec@1
+0.9778 (loss 0.1205) at step 2,000, and on the way 0.9472 at step 500, 0.9722
+at 1,000, 0.9750 at 1,500. 283 s wall in all (about 25 s of start-up and
+compilation, 7-9 steps/s), 1.5 GB peak RSS; the same run on the machine shared
+with other jobs (load ~4) took 392 s and gave identical metrics (same seed).
+Without mixup this model memorises the train set (train loss ~0.001) and
+stays at 0.908 after 3,000 steps.
 
 Argument (configs/digits.py:key=value,...): router=NAME, a short name of
 vmoe.configs.common.ROUTER_VARIANTS (top_k (default, V-MoE), top_k_bpr,
 expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec, soft, per_image,
 shared_expert, or dense for a plain ViT) or a router class of
 vmoe.nn.routers.ROUTERS; num_experts=8; k=2 (experts per token; routers
-without that option get capacity factor times k instead); capacity_factor=1.05. Any key can also be overridden with
---config.a.b=value, e.g. --config.train_steps=500.
+without that option get capacity factor times k instead);
+capacity_factor=1.05. Any key can also be overridden with --config.a.b=value,
+e.g. --config.train_steps=500.
 """
 from vmoe.configs import common
 
