@@ -67,10 +67,11 @@ def steps(workdir) -> list[int]:
 
 
 def wait_for_checkpoint(proc, workdir, timeout=300):
-  t0 = time.time()
+  deadline = time.time() + timeout  # Guards against a hung run, not a speed check.
   while not steps(workdir):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() - t0 < timeout
+    if time.time() > deadline:
+      pytest.fail(f'No checkpoint in {workdir} after {timeout} s.')
     time.sleep(0.05)
 
 
@@ -107,7 +108,7 @@ def test_run_artifacts_and_sigkill_restart_bit_equal(env, tmp_path):
   with open(os.path.join(reference, 'final_metrics.json')) as f:
     final = json.load(f)
   assert final['step'] == TRAIN_STEPS
-  assert final['num_params'] > 0 and 0 < final['train_seconds_per_step'] < 10
+  assert final['num_params'] > 0 and final['train_seconds_per_step'] > 0
   test = final['test']
   assert test['num_examples'] == 360 and 0.0 <= test['prec@1'] <= 1.0
   assert np.isfinite(test['loss'])
