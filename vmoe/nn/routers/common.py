@@ -50,17 +50,22 @@ def capacity_from_config(dispatcher: Mapping[str, Any], num_tokens: int,
       dispatcher.get('capacity_multiple_of', 4))
 
 
+def experts_per_token(routing: routing_lib.SparseRouting, num_tokens: int) -> Array:
+  """[G, S] number of experts that process each token (empty slots hold S: dropped)."""
+  g = routing.slot_token.shape[0]
+  return jnp.zeros((g, num_tokens + 1), jnp.int32).at[
+      jnp.arange(g)[:, None], routing.slot_token.reshape(g, -1)].add(1)[:, :num_tokens]
+
+
 def routing_metrics(routing: routing_lib.SparseRouting, num_tokens: int) -> dict:
   """Per-group load statistics of a hard routing.
 
   dropped_tokens: [G] fraction of tokens processed by no expert (only the residual).
   expert_load: [G, E] fraction of all routed tokens that expert e processed.
   """
-  g, e, c = routing.slot_token.shape
   filled = routing.slot_token < num_tokens  # [G, E, C]
   per_expert = jnp.sum(filled, axis=-1).astype(jnp.float32)
-  hits = jnp.zeros((g, num_tokens + 1), jnp.int32).at[
-      jnp.arange(g)[:, None], routing.slot_token.reshape(g, e * c)].add(1)[:, :num_tokens]
+  hits = experts_per_token(routing, num_tokens)
   return {
       'dropped_tokens': jnp.mean(hits == 0, axis=-1),
       'expert_load': per_expert / jnp.maximum(jnp.sum(per_expert, -1, keepdims=True), 1),
@@ -71,8 +76,7 @@ def expert_choice_metrics(routing: routing_lib.SparseRouting, num_tokens: int,
                           num_experts: int) -> dict:
   """Per-group statistics of routers where experts pick tokens (names of the reference)."""
   g = routing.slot_token.shape[0]
-  per_item = jnp.zeros((g, num_tokens + 1), jnp.int32).at[
-      jnp.arange(g)[:, None], routing.slot_token.reshape(g, -1)].add(1)[:, :num_tokens]
+  per_item = experts_per_token(routing, num_tokens)
   metrics = {
       'auxiliary_loss': jnp.zeros((g,), jnp.float32),
       'num_experts_per_item_min': jnp.min(per_item, axis=1),
