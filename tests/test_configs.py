@@ -6,12 +6,12 @@ import glob
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from vmoe.configs import common
 from vmoe.nn import models
 from vmoe.nn import routers
+from vmoe.parallel import mesh as mesh_lib
 from vmoe.train import config_checks
 from vmoe.train import evaluator
 from vmoe.train import losses
@@ -58,7 +58,7 @@ def test_config_trains_one_step_on_fake_data(path):
                                              total_steps=100_000)
   loss_fn = losses.LOSSES[config.loss.name]
 
-  mesh = trainer.make_mesh()
+  mesh = mesh_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
   batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
   init_fn = train_state_lib.make_init_fn(model, tx, image_shape=(8, hw, hw, 3),
@@ -67,7 +67,7 @@ def test_config_trains_one_step_on_fake_data(path):
   state = jax.jit(init_fn, out_shardings=state_sharding)()
 
   rng = np.random.default_rng(0)
-  batch = trainer.global_batch({
+  batch = mesh_lib.global_batch({
       'image': rng.uniform(-1, 1, (b, hw, hw, 3)).astype(np.float32),
       'labels': np.eye(c, dtype=np.float32)[rng.integers(0, c, b)]},
       batch_sharding)
@@ -87,7 +87,7 @@ def test_config_trains_one_step_on_fake_data(path):
   if not config.evaluate.get('model_overrides'):
     return  # The eval model is the trained one; test_main.py evaluates it.
   valid = np.arange(b) < b - 3  # A padded batch.
-  eval_batch = trainer.global_batch(
+  eval_batch = mesh_lib.global_batch(
       {**jax.device_get(batch), '__valid__': valid}, batch_sharding)
   eval_step = evaluator.make_eval_step(eval_model, loss_fn,
                                        params_sharding=state_sharding.params,

@@ -7,6 +7,7 @@ import numpy as np
 from flax import traverse_util
 
 from vmoe.checkpoints import legacy
+from vmoe.checkpoints import training
 from vmoe.nn import models
 
 
@@ -27,11 +28,18 @@ def check_params(params: Mapping[str, Any], expected: Mapping[str, Any], source:
 
 
 def load_params(checkpoint: str) -> dict:
-  """Params tree (numpy) of a legacy prefix (PREFIX.index + PREFIX.data-*)."""
+  """Params tree of `checkpoint`: a legacy prefix (PREFIX.index + PREFIX.data-*, as
+  released by Google), one of our checkpoints (WORKDIR/checkpoints/<step>) or a
+  workdir (its latest checkpoint)."""
   if os.path.exists(checkpoint + '.index'):
     return legacy.restore(checkpoint)
+  if os.path.isdir(os.path.join(checkpoint, 'state')):
+    return training.load_step_params(checkpoint)
+  if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
+    return training.load_latest_params(checkpoint)[1]
   raise ValueError(f'No checkpoint at {checkpoint!r}: expected a legacy prefix with '
-                   f'{checkpoint}.index next to its {checkpoint}.data-NNNNN-of-NNNNN files.')
+                   f'{checkpoint}.index next to its {checkpoint}.data-NNNNN-of-NNNNN files, '
+                   'a checkpoint directory WORKDIR/checkpoints/<step>, or a WORKDIR.')
 
 
 def load_classifier(checkpoint: str, model_config: Any,

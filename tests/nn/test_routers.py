@@ -12,7 +12,6 @@ from vmoe.nn import mlp
 from vmoe.nn import moe
 from vmoe.nn import models
 from vmoe.nn import routers
-from vmoe.nn import routing
 from vmoe.nn.routers import transport
 
 G, S, D, E, T = 2, 24, 8, 4, 6  # 4 images of 6 tokens per group.

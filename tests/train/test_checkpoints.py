@@ -5,7 +5,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from vmoe.checkpoints import training
 from vmoe.train import optimizers
 from vmoe.train import train_state as train_state_lib

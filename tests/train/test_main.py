@@ -151,7 +151,7 @@ def test_unknown_override_key_lists_valid_keys():
   os.chdir(REPO)
   try:
     with pytest.raises(ValueError, match=r"'optimizer.b3'.*valid keys: \['b1', 'b2'"):
-      vmoe_main.parse_flags(argv)
+      vmoe_main.cli.parse_flags(argv)  # vmoe.main defines the --config flag.
   finally:
     os.chdir(cwd)
 

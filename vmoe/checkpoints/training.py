@@ -112,3 +112,9 @@ def load_latest_params(workdir: str) -> tuple[int, PyTree]:
       state=ocp.args.StandardRestore())).state
   manager.close()
   return step, state['params']
+
+
+def load_step_params(step_dir: str) -> PyTree:
+  """Params of one checkpoint directory, WORKDIR/checkpoints/<step>."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(os.path.abspath(step_dir), 'state'))['params']

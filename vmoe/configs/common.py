@@ -97,6 +97,8 @@ def pp_labels(num_classes: int) -> str:
 
 # Short names of the MoE variants the papers compare (e.g. `router=NAME` of
 # configs/digits.py): (router class, dispatcher options, MoE layer options).
+# layers='last': the same number of MoE layers, moved to the end of the encoder
+# (Mobile V-MoE routes images by what the dense blocks before them computed).
 ROUTER_VARIANTS = {
     'dense': ('NoisyTopExpertsPerItemRouter', {}, {'layers': ()}),  # No MoE.
     'top_k': ('NoisyTopExpertsPerItemRouter', {}, {}),  # V-MoE.
@@ -106,7 +108,9 @@ ROUTER_VARIANTS = {
     'sinkhorn_ec': ('SinkhornTopItemsPerExpertRouter', {}, {}),
     'sparse_ec': ('SparseTransportTopItemsPerExpertRouter', {}, {}),
     'soft': ('SoftRouter', {}, {}),
-    'per_image': ('PerImageRouter', {}, {}),  # Mobile V-MoE.
+    'per_image': ('PerImageRouter', {}, {'layers': 'last'}),  # Mobile V-MoE.
+    # Needs moe_config(superclasses=PATH), from python -m vmoe.tools.superclasses.
+    'per_image_superclass': ('PerImageRouter', {}, {'layers': 'last'}),
     'shared_expert': ('NoisyTopExpertsPerItemRouter', {}, {'shared_experts': 1}),
 }
 
@@ -138,11 +142,16 @@ def router_config(name: str, *, num_selected_experts: int,
                      **{k: v for k, v in wanted.items() if k in fields}})
 
 
-def moe_config(router: str, *, layers, num_experts: int, group_size: int,
-               num_selected_experts: int, capacity_factor: float,
-               bfloat16: bool = False) -> ConfigDict:
+def moe_config(router: str, *, layers, num_layers: int, num_experts: int,
+               group_size: int, num_selected_experts: int, capacity_factor: float,
+               bfloat16: bool = False, superclasses: str | None = None) -> ConfigDict:
   """model.encoder.moe for `router`: a short name of ROUTER_VARIANTS or a
-  router class name of vmoe.nn.routers.ROUTERS."""
+  router class name of vmoe.nn.routers.ROUTERS.
+
+  superclasses: the JSON of python -m vmoe.tools.superclasses, needed by
+  router='per_image_superclass' (one super-class per expert).
+  """
+  variant = router
   if router in ROUTER_VARIANTS:
     router, dispatcher_options, moe_options = ROUTER_VARIANTS[router]
   elif router in routers.ROUTERS:
@@ -154,6 +163,19 @@ def moe_config(router: str, *, layers, num_experts: int, group_size: int,
   r = router_config(router, num_selected_experts=num_selected_experts,
                     capacity_factor=capacity_factor, bfloat16=bfloat16)
   r.dispatcher.update(dispatcher_options)
+  if variant == 'per_image_superclass':
+    if not superclasses:
+      raise ValueError(
+          'router=per_image_superclass needs a super-class file: derive one from a '
+          'trained dense model with python -m vmoe.tools.superclasses and pass its '
+          'path (superclasses=PATH).')
+    r.superclasses = superclasses
+  elif superclasses:
+    raise ValueError(f'superclasses={superclasses!r} is only used by '
+                     f'router=per_image_superclass, not router={variant!r}.')
+  moe_options = dict(moe_options)
+  if moe_options.get('layers') == 'last':
+    moe_options['layers'] = tuple(range(num_layers - len(tuple(layers)), num_layers))
   moe = ConfigDict(dict(layers=tuple(layers), num_experts=num_experts,
                         group_size=group_size, split_rngs=False, router=r))
   moe.update(moe_options)
@@ -164,6 +186,7 @@ def vmoe_model(*, variant: str, patch: int, image_size: int, num_classes: int,
                num_experts: int, num_selected_experts: int, moe_layers,
                images_per_group: int = 8, capacity_factor: float = 1.05,
                router: str = 'top_k',
+               superclasses: str | None = None,
                representation_size: bool = True,
                head_bias_init: float | None = None) -> ConfigDict:
   """V-MoE in the reference's schema ('token' classifier, as in the paper).
@@ -187,7 +210,8 @@ def vmoe_model(*, variant: str, patch: int, image_size: int, num_classes: int,
           num_heads=v['num_heads'], dropout_rate=0.0,
           attention_dropout_rate=0.0,
           # split_rngs=False: the paper starts all experts identical.
-          moe=moe_config(router, layers=moe_layers, num_experts=num_experts,
+          moe=moe_config(router, layers=moe_layers, num_layers=v['num_layers'],
+                         num_experts=num_experts, superclasses=superclasses,
                          group_size=images_per_group * tokens,
                          num_selected_experts=num_selected_experts,
                          capacity_factor=capacity_factor, bfloat16=True)),

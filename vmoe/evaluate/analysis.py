@@ -10,13 +10,17 @@ Per MoE layer, over an eval split, from the routing each token actually got:
   goes to, divided by the class entropy (0 = experts ignore the class, 1 = the expert
   determines the class),
 - a recommendation: layers whose specialisation is below `threshold` x the best layer's
-  are candidates to make dense or remove (ViMoE keeps the layers that specialise).
+  are candidates to make dense or remove (ViMoE keeps the layers that specialise),
+- for routers trained with super-classes (Mobile V-MoE), the super-class x expert counts:
+  does each super-class go to its own expert?
 """
 import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from vmoe.evaluate import runner
 
 
 class RoutingStats:
@@ -55,7 +59,8 @@ class RoutingStats:
       self.gate_entropy_sum += float(ent.sum())
       self.gate_entropy_count += int(ent.shape[0])
 
-  def summary(self) -> dict:
+  def summary(self, superclasses: Optional[Sequence[int]] = None) -> dict:
+    """superclasses: class -> super-class table, to also count super-class x expert."""
     counts = self.class_expert.astype(np.float64)
     e = counts.shape[1]
     total = counts.sum()
@@ -75,7 +80,31 @@ class RoutingStats:
         'mutual_information': mi,
         'specialisation': mi / h_class if h_class > 0 else 0.0,
         'class_expert_counts': self.class_expert.tolist(),
+        **({'superclass_expert_counts': _group_rows(self.class_expert, superclasses).tolist()}
+           if superclasses is not None else {}),
     }
+
+
+def _group_rows(class_expert: np.ndarray, superclasses: Sequence[int]) -> np.ndarray:
+  table = np.asarray(superclasses)
+  out = np.zeros((table.max() + 1, class_expert.shape[1]), np.int64)
+  np.add.at(out, table, class_expert)
+  return out
+
+
+def collect(forward, params, iterable, num_classes: int) -> dict[str, RoutingStats]:
+  """One pass of `forward` (runner.Forward with intermediates) over an eval set ->
+  {'encoderblock_i': RoutingStats} for every sparse MoE layer."""
+  stats = {}
+  for batch, _, inter in forward.batches(params, iterable):
+    labels, valid = runner.labels_of(batch), batch['__valid__']
+    for layer, out in runner.moe_intermediates(inter).items():
+      if 'buffer_slot' not in out:
+        continue  # Soft MoE: no token-to-expert assignment to count.
+      if layer not in stats:
+        stats[layer] = RoutingStats(num_classes, out['buffer_slot'].shape[-1])
+      stats[layer].add(out['buffer_slot'], labels, valid, out.get('logits'))
+  return stats
 
 
 def recommend(summaries: Mapping[str, dict], threshold: float = 0.5) -> dict:
@@ -111,6 +140,44 @@ def plot_layers(summaries: Mapping[str, dict], path: str, class_names=None):
     if class_names:
       axes[1, j].set_yticks(range(len(class_names)), class_names, fontsize=6)
     fig.colorbar(im, ax=axes[1, j], fraction=0.046)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_summary(summaries: Mapping[str, dict], path: str):
+  """PNG: per layer, specialisation, load and gate entropy, and fraction dropped."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  layers = list(summaries)
+  keys = ('specialisation', 'load_entropy', 'gate_entropy', 'dropped_fraction')
+  fig, ax = plt.subplots(figsize=(2 + 1.6 * len(layers), 3.5))
+  width = 0.8 / len(keys)
+  for i, key in enumerate(keys):
+    values = [summaries[l][key] or 0.0 for l in layers]
+    ax.bar(np.arange(len(layers)) + (i - 1.5) * width, values, width, label=key)
+  ax.set_xticks(range(len(layers)), layers, fontsize=8)
+  ax.legend(fontsize=7)
+  ax.set_title('Routing per MoE layer (gate entropy in nats)', fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_superclasses(summaries: Mapping[str, dict], path: str):
+  """PNG: per layer, the share of each super-class's images sent to each expert."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(summaries), figsize=(3.4 * len(summaries) + 1, 3.2),
+                           squeeze=False)
+  for ax, (layer, s) in zip(axes[0], summaries.items()):
+    counts = np.asarray(s['superclass_expert_counts'], np.float64)
+    im = ax.imshow(counts / np.maximum(counts.sum(1, keepdims=True), 1), cmap='magma',
+                   vmin=0, vmax=1, aspect='auto')
+    ax.set_title(layer, fontsize=9)
+    ax.set_xlabel('expert')
+    ax.set_ylabel('super-class')
+    fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
   _save(fig, path)
 

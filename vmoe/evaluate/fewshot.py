@@ -4,9 +4,18 @@ For each number of shots n, take the first n examples of every class from the tr
 features (a fixed, seeded order), fit W = (X^T X + l2 I)^-1 X^T Y with Y the one-hot
 targets in {-1, 1} and a bias column, and report the test accuracy for every l2 strength.
 """
-from typing import Sequence
+import os
+from typing import Any, Mapping, Sequence
 
+import ml_collections
 import numpy as np
+
+from vmoe.data import pipeline
+from vmoe.evaluate import runner
+from vmoe.nn import models
+
+DEFAULT_SHOTS = (1, 5, 10)
+DEFAULT_L2S = tuple(2.0 ** k for k in range(-6, 11, 2))
 
 
 def pick_shots(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
@@ -34,8 +43,8 @@ def ridge_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
 
 def fewshot_sweep(train_features, train_labels, test_features, test_labels, num_classes,
-                  shots: Sequence[int] = (1, 5, 10), l2s: Sequence[float] = tuple(
-                      2.0 ** k for k in range(-6, 11, 2)), seed: int = 0) -> dict:
+                  shots: Sequence[int] = DEFAULT_SHOTS,
+                  l2s: Sequence[float] = DEFAULT_L2S, seed: int = 0) -> dict:
   """{'<n>shot': {'by_l2': {l2: acc}, 'best_l2': l2, 'accuracy': best acc}} for every n."""
   results = {}
   for n in shots:
@@ -45,3 +54,87 @@ def fewshot_sweep(train_features, train_labels, test_features, test_labels, num_
     best = max(by_l2, key=by_l2.get)
     results[f'{n}shot'] = {'by_l2': by_l2, 'best_l2': best, 'accuracy': by_l2[best]}
   return results
+
+
+CONFIG_KEYS = frozenset({'every_steps', 'train', 'test', 'shots', 'l2s', 'seed'})
+
+
+def check_config(cfg: Mapping[str, Any], where: str = 'config.fewshot'):
+  """One ValueError for a bad few-shot config (keys, shots, l2s, datasets)."""
+  unknown = sorted(set(cfg) - CONFIG_KEYS)
+  if unknown:
+    raise ValueError(f'Unknown key(s) {unknown} in {where}; valid keys: {sorted(CONFIG_KEYS)}.')
+  for split in ('train', 'test'):
+    if not cfg.get(split):
+      raise ValueError(f'{where}.{split} is required: a dataset config (name, split, '
+                       'process, batch_size) of the data to fit / score the linear probe.')
+  shots = cfg.get('shots', DEFAULT_SHOTS)
+  if not shots or any(not isinstance(n, int) or n < 1 for n in shots):
+    raise ValueError(f'{where}.shots={shots!r} must be positive integers, e.g. (1, 5, 10).')
+  l2s = cfg.get('l2s', DEFAULT_L2S)
+  if not l2s or any(not isinstance(l, (int, float)) or l < 0 for l in l2s):
+    raise ValueError(f'{where}.l2s={l2s!r} must be non-negative numbers.')
+
+
+def features(forward, params, iterable) -> tuple[np.ndarray, np.ndarray]:
+  """(x [N, D] frozen features, y [N] class ids) of the valid examples of `iterable`."""
+  xs, ys = [], []
+  for batch, out, _ in forward.batches(params, iterable):
+    valid = batch['__valid__'].astype(bool)
+    xs.append(out[valid])
+    ys.append(runner.labels_of(batch)[valid])
+  return np.concatenate(xs).astype(np.float64), np.concatenate(ys)
+
+
+class FewshotEvaluator:
+  """Few-shot linear accuracy of a model's pre-logits (the head is ignored), for any
+  params of that model: called every `every_steps` in training, and by vmoe.evaluate.
+
+  cfg: {'train': dataset config to draw the shots from, 'test': dataset config to score
+  on, 'shots': (1, 5, 10), 'l2s': ridge strengths, 'seed': order of the shots}.
+  """
+
+  def __init__(self, model_config: Any, cfg: Mapping[str, Any]):
+    check_config(cfg)
+    features_config = models.to_dict(model_config)
+    self.num_classes = features_config['num_classes']
+    features_config['num_classes'] = None  # The model then returns its pre-logits.
+    self.forward = runner.Forward(models.build_model(features_config))
+    self.train = pipeline.make_eval_iterable(ml_collections.ConfigDict(cfg['train']))
+    self.test = pipeline.make_eval_iterable(ml_collections.ConfigDict(cfg['test']))
+    self.shots = tuple(cfg.get('shots') or DEFAULT_SHOTS)
+    self.l2s = tuple(cfg.get('l2s') or DEFAULT_L2S)
+    self.seed = cfg.get('seed', 0)
+
+  def __call__(self, params) -> dict:
+    x_train, y_train = features(self.forward, params, self.train)
+    x_test, y_test = features(self.forward, params, self.test)
+    return fewshot_sweep(x_train, y_train, x_test, y_test, self.num_classes,
+                         shots=self.shots, l2s=self.l2s, seed=self.seed)
+
+
+def scalars(results: Mapping[str, Any]) -> dict[str, float]:
+  """{'fewshot/5shot': best accuracy, ...} for metric writers."""
+  return {f'fewshot/{k}': v['accuracy'] for k, v in results.items()}
+
+
+def plot(results: Mapping[str, Any], path: str):
+  """PNG: accuracy against the ridge strength, one line per number of shots."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, r in results.items():
+    l2s = sorted(r['by_l2'], key=float)
+    ax.plot([float(l) for l in l2s], [100 * r['by_l2'][l] for l in l2s], 'o-',
+            label=f'{name} (best {100 * r["accuracy"]:.1f}%)')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('ridge L2 strength')
+  ax.set_ylabel('test accuracy (%)')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)

@@ -43,9 +43,9 @@ def moe_slots_per_image(config: Any, batch_size: int, image_size: Sequence[int])
     if disp.get('capacity') is not None:
       slots = disp['capacity']
     else:
-      slots = routing.compute_capacity(need, e, disp['capacity_factor'],
-                                       disp.get('capacity_ceil_or_round', 'ceil'),
-                                       disp.get('capacity_multiple_of', 4))
+      slots = routing.compute_capacity(
+          need, e, disp['capacity_factor'], disp.get('capacity_ceil_or_round', 'ceil'),
+          disp.get('capacity_multiple_of', 1 if name == 'PerImageRouter' else 4))
     if name == 'PerImageRouter':
       slots *= tokens  # Capacity counts images; each image brings all its tokens.
   del batch_size  # Groups hold whole images: the count per image does not depend on B.

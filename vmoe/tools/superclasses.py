@@ -9,11 +9,23 @@ clustering, one group per expert.
 JSON that `encoder.moe.router.superclasses` takes ({'superclass_of_class': [...], ...}) and
 `plot_grouped_confusion` the PNG of the confusion matrix with classes grouped by
 super-class.
+
+  python -m vmoe.tools.superclasses --config=configs/digits.py:router=dense \
+      --workdir=/tmp/digits_dense --num_experts=8 [--dataset=test] [--split=SPLIT]
+
+reads the latest checkpoint of WORKDIR (or --checkpoint=PATH), predicts the eval set
+`--dataset` of the config (its TFDS split, or --split) and writes
+WORKDIR/superclasses.json and WORKDIR/superclasses.png (or --output=PATH.json). Use
+held-out data: on the train split a good model confuses almost nothing.
 """
 import json
 import os
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
+from vmoe import cli
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -23,13 +35,17 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
   return m
 
 
+def check_num_groups(num_classes: int, num_groups: int):
+  if not 1 <= num_groups <= num_classes:
+    raise ValueError(f'Cannot split {num_classes} classes into num_experts={num_groups} '
+                     f'super-classes; use between 1 and {num_classes} experts.')
+
+
 def cluster_classes(confusion: np.ndarray, num_groups: int, seed: int = 0) -> np.ndarray:
   """Class -> group [C] from a confusion matrix, by spectral clustering of its graph."""
   from sklearn.cluster import SpectralClustering  # pylint: disable=g-import-not-at-top
   c = confusion.shape[0]
-  if not 1 <= num_groups <= c:
-    raise ValueError(f'Cannot split {c} classes into num_experts={num_groups} super-classes; '
-                     f'use between 1 and {c} experts.')
+  check_num_groups(c, num_groups)
   if num_groups == 1:
     return np.zeros(c, np.int64)
   rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
@@ -83,3 +99,67 @@ def write_superclasses(path: str, groups: np.ndarray, confusion: np.ndarray, **i
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+def derive(config, workdir: str, num_experts: int, *, dataset: str | None = None,
+           split: str | None = None, checkpoint: str | None = None,
+           output: str | None = None, seed: int = 0) -> str:
+  """Predicts an eval set with the trained model, clusters, writes JSON + PNG -> JSON path."""
+  # Imported here: the clustering functions above need no JAX or TensorFlow.
+  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vmoe.evaluate import runner  # pylint: disable=g-import-not-at-top
+  from vmoe.nn import models  # pylint: disable=g-import-not-at-top
+  runner.check_single_process('vmoe.tools.superclasses')
+  evals = [k for k in config.dataset if k != 'train']
+  dataset = dataset or (evals[0] if evals else None)
+  if dataset not in evals:
+    raise ValueError(f'--dataset={dataset!r} is not an eval set of the config; valid: '
+                     f'{evals}.')
+  num_classes = config.model.num_classes
+  check_num_groups(num_classes, num_experts)
+  cfg = config.dataset[dataset].copy_and_resolve_references()
+  if split:
+    cfg.split = split
+  source, params = runner.restore_params(workdir, checkpoint)
+  forward = runner.Forward(models.build_model(config.model))
+  labels, predictions = [], []
+  for batch, logits, _ in forward.batches(params, pipeline.make_eval_iterable(cfg)):
+    valid = batch['__valid__'].astype(bool)
+    labels.append(runner.labels_of(batch)[valid])
+    predictions.append(np.argmax(logits, -1)[valid])
+  labels, predictions = np.concatenate(labels), np.concatenate(predictions)
+  confusion = confusion_matrix(labels, predictions, num_classes)
+  groups = cluster_classes(confusion, num_experts, seed)
+  output = output or os.path.join(workdir, 'superclasses.json')
+  write_superclasses(output, groups, confusion, checkpoint=source, dataset=cfg.name,
+                     split=cfg.split, accuracy=float(np.mean(labels == predictions)))
+  plot_grouped_confusion(confusion, groups, os.path.splitext(output)[0] + '.png')
+  print(f'Super-classes of {cfg.name}:{cfg.split} (accuracy {np.mean(labels == predictions):.4f}'
+        f', {len(labels)} examples): {groups.tolist()} -> {output}', flush=True)
+  return output
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.quiet_orbax()
+  f = flags.FLAGS
+  derive(f.config, f.workdir, f.num_experts, dataset=f.dataset, split=f.split,
+         checkpoint=f.checkpoint, output=f.output, seed=f.seed)
+
+
+def define_flags():
+  """Only when run as a program: the library must not claim --config or --workdir."""
+  config_flags.DEFINE_config_file('config', None, 'Config file of the trained model.')
+  flags.DEFINE_string('workdir', None, 'Workdir of the trained model.')
+  flags.DEFINE_string('checkpoint', None, 'Checkpoint (default: latest of workdir).')
+  flags.DEFINE_integer('num_experts', None, 'Super-classes to make, one per expert.')
+  flags.DEFINE_string('dataset', None, 'Eval set of config.dataset (default: the first).')
+  flags.DEFINE_string('split', None, 'TFDS split to use instead of that eval set\'s.')
+  flags.DEFINE_string('output', None, 'JSON path (default WORKDIR/superclasses.json).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the clustering.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  cli.run(main, required=('config', 'workdir', 'num_experts'))

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import ml_collections
 from vmoe.data import pipeline
 from vmoe.data import pp_ops
+from vmoe.evaluate import fewshot
 from vmoe.nn import models
 from vmoe.train import losses
 from vmoe.train import mixup
@@ -29,11 +30,13 @@ TOP_KEYS = {
     'save_checkpoint': frozenset({'every_steps', 'keep_last'}),
     'evaluate': frozenset({'every_steps', 'model_overrides'}),
     'report_progress': frozenset({'every_steps', 'every_secs'}),
+    'fewshot': None,  # Checked by vmoe.evaluate.fewshot.check_config.
 }
 DATASET_KEYS = pipeline.KNOWN_KEYS
 DATASET_REQUIRED = ('name', 'split', 'process', 'batch_size')
 # Keys of final_metrics.json next to the eval split names.
-RESERVED_SPLIT_NAMES = frozenset({'step', 'num_params', 'train_seconds_per_step'})
+RESERVED_SPLIT_NAMES = frozenset({'step', 'num_params', 'train_seconds_per_step',
+                                  'fewshot'})
 
 
 def to_dict(config: Any) -> dict:
@@ -133,6 +136,13 @@ def check_config(config: Any, *, num_devices: int = 1, num_processes: int = 1):
                 'config.report_progress.every_steps', optional=True)
   models.validate(c['model'])
   models.validate(eval_model_config(c))
+  if c.get('fewshot'):
+    fewshot.check_config(c['fewshot'])
+    for split in ('train', 'test'):
+      _check_data_config(c['fewshot'][split], f'config.fewshot.{split}',
+                         num_devices=num_devices, num_processes=num_processes)
+    _positive_int(c['fewshot'].get('every_steps'), 'config.fewshot.every_steps',
+                  optional=True)
 
 
 def _check_dataset(dataset: Mapping[str, Any], *, num_devices: int,
@@ -145,21 +155,25 @@ def _check_dataset(dataset: Mapping[str, Any], *, num_devices: int,
     if split in RESERVED_SPLIT_NAMES:
       raise ValueError(f'{where}: the split name {split!r} is reserved (a key of '
                        f'final_metrics.json); rename it.')
-    if not isinstance(cfg, Mapping):
-      raise ValueError(f'{where} must be a sub-config with keys '
-                       f'{sorted(DATASET_KEYS)}, got {cfg!r}.')
-    _check_keys(cfg, DATASET_KEYS, where)
-    missing = [k for k in DATASET_REQUIRED if cfg.get(k) is None]
-    if missing:
-      raise ValueError(f'{where} lacks {missing}; valid keys: '
-                       f'{sorted(DATASET_KEYS)}.')
-    pp_ops.get_pp_fn(cfg['process'], 'example')
-    if cfg.get('process_batch'):
-      pp_ops.get_pp_fn(cfg['process_batch'], 'batch')
-    batch_size = cfg['batch_size']
-    _positive_int(batch_size, f'{where}.batch_size')
-    if batch_size % num_devices or batch_size % num_processes:
-      raise ValueError(
-          f'{where}.batch_size={batch_size} (the global batch) must be '
-          f'divisible by the {num_devices} devices and the {num_processes} '
-          f'processes; use a multiple of {num_devices}.')
+    _check_data_config(cfg, where, num_devices=num_devices, num_processes=num_processes)
+
+
+def _check_data_config(cfg: Any, where: str, *, num_devices: int, num_processes: int):
+  if not isinstance(cfg, Mapping):
+    raise ValueError(f'{where} must be a sub-config with keys '
+                     f'{sorted(DATASET_KEYS)}, got {cfg!r}.')
+  _check_keys(cfg, DATASET_KEYS, where)
+  missing = [k for k in DATASET_REQUIRED if cfg.get(k) is None]
+  if missing:
+    raise ValueError(f'{where} lacks {missing}; valid keys: '
+                     f'{sorted(DATASET_KEYS)}.')
+  pp_ops.get_pp_fn(cfg['process'], 'example')
+  if cfg.get('process_batch'):
+    pp_ops.get_pp_fn(cfg['process_batch'], 'batch')
+  batch_size = cfg['batch_size']
+  _positive_int(batch_size, f'{where}.batch_size')
+  if batch_size % num_devices or batch_size % num_processes:
+    raise ValueError(
+        f'{where}.batch_size={batch_size} (the global batch) must be '
+        f'divisible by the {num_devices} devices and the {num_processes} '
+        f'processes; use a multiple of {num_devices}.')

@@ -14,17 +14,39 @@ from vmoe.train import losses
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def dropped_per_layer(intermediates, valid: jax.Array) -> dict[str, jax.Array]:
+  """{'dropped/encoderblock_i': []}: tokens of valid images that no expert took (summed
+  over images of the per-image fraction), from each sparse MoE layer's buffer_slot."""
+  out = {}
+  for name, block in (intermediates.get('Encoder') or {}).items():
+    slot = (block.get('Moe') or {}).get('buffer_slot')
+    if slot is None:
+      continue  # Soft MoE: every token reaches every slot; nothing is dropped.
+    # Groups hold whole images in order: [G, S, E] -> [B, T, E].
+    per_image = jnp.all(slot[0] < 0, axis=-1).reshape(valid.shape[0], -1)  # [B, T]
+    out[f'dropped/{name}'] = jnp.sum(jnp.where(valid, jnp.mean(per_image, axis=1), 0.0))
+  return out
+
+
 def make_eval_step(model: nn.Module, loss_fn: LossFn, *, params_sharding,
-                   batch_sharding):
-  """Returns jit(params, batch) -> sums {'loss', 'correct', 'count'}: [] each."""
+                   batch_sharding, routing_stats: bool = False):
+  """Returns jit(params, batch) -> sums {'loss', 'correct', 'count'}: [] each, and with
+  routing_stats the dropped tokens of every MoE layer ('dropped/encoderblock_i')."""
   def eval_step(params, batch):
-    logits, _ = model.apply({'params': params}, batch['image'], train=False)
+    if routing_stats:
+      (logits, _), state = model.apply({'params': params}, batch['image'], train=False,
+                                       mutable=['intermediates'])
+    else:
+      logits, _ = model.apply({'params': params}, batch['image'], train=False)
     valid = batch['__valid__']
     # where, not a product: a padding example's loss may be inf or NaN.
     loss = jnp.where(valid, loss_fn(logits, batch['labels']), 0.0)
     correct = jnp.where(valid, losses.precision_at_1(logits, batch['labels']), 0.0)
-    return {'loss': jnp.sum(loss), 'correct': jnp.sum(correct),
+    sums = {'loss': jnp.sum(loss), 'correct': jnp.sum(correct),
             'count': jnp.sum(valid.astype(jnp.float32))}
+    if routing_stats:
+      sums.update(dropped_per_layer(state.get('intermediates', {}), valid))
+    return sums
   return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding))
 
 
@@ -45,4 +67,5 @@ def evaluate(eval_step, params, batches: Iterable[Mapping[str, Any]], *,
                        f'{num_examples}: the eval pipeline dropped or repeated '
                        f'examples.')
   return {'prec@1': sums['correct'] / count, 'loss': sums['loss'] / count,
-          'num_examples': count}
+          'num_examples': count,
+          **{k: v / count for k, v in sums.items() if k.startswith('dropped/')}}

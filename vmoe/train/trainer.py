@@ -1,11 +1,7 @@
 """Config-driven training with periodic evaluation and checkpointing.
 
-Parallelism: a 1-D mesh over all devices with one axis 'data'. Params and
-optimizer state are replicated, every batch is sharded over 'data'. The axis
-type is Auto: the model code is sharding-agnostic (its group reshapes and
-einsums carry no sharding annotations), and with Auto the compiler propagates
-the batch sharding through them, where Explicit would demand an out_sharding
-at every reshape that touches the batch axis.
+Parallelism: the data mesh of vmoe.parallel.mesh (params and optimizer state
+replicated, every batch sharded over 'data').
 """
 import contextlib
 import json
@@ -21,11 +17,12 @@ from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from vmoe.checkpoints import training as checkpoints
 from vmoe.data import pipeline
+from vmoe.evaluate import fewshot
 from vmoe.nn import models
+from vmoe.parallel import mesh as mesh_lib
 from vmoe.train import config_checks
 from vmoe.train import evaluator
 from vmoe.train import losses
@@ -36,11 +33,6 @@ from vmoe.train import train_state as train_state_lib
 
 P = jax.sharding.PartitionSpec
 TrainState = train_state_lib.TrainState
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def get_train_steps(config, num_train_examples: int) -> int:
@@ -128,12 +120,6 @@ class MetricsWindow:
     return means
 
 
-def global_batch(local: Mapping[str, np.ndarray], sharding) -> dict:
-  """This process's rows -> global jax arrays sharded over 'data'."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
-
-
 def write_json_atomically(path: str, obj):
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
@@ -187,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   config_checks.check_config(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh()
+  mesh = mesh_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
   batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
   seed = config.get('seed', 0)
@@ -232,7 +218,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       donate_argnums=(0,))
   eval_step = evaluator.make_eval_step(
       eval_model, loss_fn, params_sharding=state_sharding.params,
-      batch_sharding=batch_sharding)
+      batch_sharding=batch_sharding, routing_stats=True)
+  fewshot_eval = (fewshot.FewshotEvaluator(eval_model_config, config.fewshot.to_dict())
+                  if config.get('fewshot') else None)
+  fewshot_every = (config.get('fewshot') or {}).get('every_steps')
+
+  def run_fewshot(step: int) -> dict[str, float]:
+    with progress.timed('fewshot'):
+      scalars = fewshot.scalars(fewshot_eval(state.params))
+    logging.info('Step %d, few-shot: %s', step, scalars)
+    writer.write_scalars(step, scalars)
+    return scalars
 
   def run_evaluation(step: int) -> dict[str, dict[str, float]]:
     results = {}
@@ -240,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       with progress.timed(f'eval_{name}'):
         results[name] = evaluator.evaluate(
             eval_step, state.params,
-            (global_batch(b, batch_sharding) for b in iterable),
+            (mesh_lib.global_batch(b, batch_sharding) for b in iterable),
             num_examples=iterable.num_examples)
       logging.info('Step %d, %s: prec@1=%.4f loss=%.4f', step, name,
                    results[name]['prec@1'], results[name]['loss'])
@@ -263,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   timer = StepTimer()
   with jax.set_mesh(mesh), preemption.SigtermFlag() as sigterm:
     for step in range(init_step + 1, train_steps + 1):
-      state, metrics = train_step(state, global_batch(next(batches),
+      state, metrics = train_step(state, mesh_lib.global_batch(next(batches),
                                                       batch_sharding))
       timer.step_done(step - init_step, metrics)
       window.add(metrics)
@@ -276,6 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if eval_every and step % eval_every == 0 and step != train_steps:
         with timer.excluded():
           run_evaluation(step)
+      if fewshot_every and step % fewshot_every == 0 and step != train_steps:
+        with timer.excluded():
+          run_fewshot(step)
       if sigterm.is_set():
         ckpt.save(step, state)
         ckpt.close()
@@ -287,11 +286,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                          window.pop(last=metrics).items()})
     seconds_per_step = timer.seconds_per_step(state)
     results = run_evaluation(train_steps)
+    extra = {'fewshot': run_fewshot(train_steps)} if fewshot_eval else {}
   ckpt.close()
   writer.close()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   report_final(workdir, train_steps, results, num_params=num_params,
-               train_seconds_per_step=seconds_per_step)
+               train_seconds_per_step=seconds_per_step, **extra)
   return results
 
 

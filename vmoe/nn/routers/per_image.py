@@ -7,6 +7,7 @@ guidance replaces the balancing losses by a cross-entropy between the router's s
 the image's super-class (one super-class per expert).
 """
 import json
+import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -25,6 +26,9 @@ def load_superclasses(spec: Union[str, Sequence[int]], num_classes: int,
   """Class -> super-class table from a list or a JSON file of vmoe.tools.superclasses."""
   table = spec
   if isinstance(spec, str):
+    if not os.path.exists(spec):
+      raise ValueError(f'Super-class file {spec!r} does not exist; derive one from a trained '
+                       'dense model with python -m vmoe.tools.superclasses.')
     with open(spec) as f:
       table = json.load(f)['superclass_of_class']
   table = tuple(int(v) for v in table)
@@ -103,7 +107,9 @@ class PerImageRouter(nn.Module):
       if 'load_loss' in metrics:
         aux = aux + self.load_loss_weight * metrics['load_loss']
     metrics['auxiliary_loss'] = aux
-    disp = self.dispatcher or {}
+    # Capacity counts images here: rounding it up to a multiple of 4 (the token-level
+    # default) would pad each expert by up to 3 whole images.
+    disp = {'capacity_multiple_of': 1, **(self.dispatcher or {})}
     capacity = capacity_from_config(disp, n * k, e)
     routing = routing_lib.top_experts_per_item(
         gates, k, capacity, bool(disp.get('batch_priority', False)))

@@ -1,0 +1,129 @@
+r"""Train every digits router variant with several seeds; write docs/routers.md + PNG.
+
+  python scripts/compare_routers.py --out_dir=/tmp/vmoe_routers [--seeds=0,1,2]
+      [--train_steps=1000] [--variants=dense,top_k,...]
+
+Each run is `python -m vmoe.main --config=configs/digits.py:router=NAME` in its own
+workdir (kept, so a killed comparison resumes where it stopped). `per_image_superclass`
+uses super-classes derived by `python -m vmoe.tools.superclasses` from the test-set
+confusion of the dense run of the same seed: which classes get confused is test
+information, a mild leak accepted because digits has no validation split. Results: docs/routers.md (mean and std of test accuracy, step time,
+parameters, active forward GFLOPs per image) and docs/routers.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from vmoe.configs import common  # pylint: disable=wrong-import-position
+from vmoe.evaluate import flops  # pylint: disable=wrong-import-position
+
+VARIANTS = ('dense', 'top_k', 'top_k_bpr', 'expert_choice', 'soft', 'sinkhorn_tc',
+            'sinkhorn_ec', 'sparse_ec', 'per_image', 'per_image_superclass', 'shared_expert')
+NUM_EXPERTS = 8  # configs/digits.py's default: one super-class per expert.
+
+
+def run(cmd):
+  print('+', ' '.join(cmd), flush=True)
+  subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def train(name, seed, steps, out_dir, arg=''):
+  workdir = os.path.join(out_dir, f'{name}_seed{seed}')
+  cmd = [sys.executable, '-m', 'vmoe.main', f'--config=configs/digits.py:router={name}{arg}',
+         f'--workdir={workdir}', f'--config.seed={seed}', f'--config.train_steps={steps}']
+  if not os.path.exists(os.path.join(workdir, 'final_metrics.json')):
+    run(cmd)
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    return workdir, json.load(f)
+
+
+def superclasses_of(seed, steps, out_dir):
+  """',superclasses=PATH' from the dense run of the same seed (trained if needed)."""
+  dense_dir, _ = train('dense', seed, steps, out_dir)
+  path = os.path.join(dense_dir, 'superclasses.json')
+  if not os.path.exists(path):
+    run([sys.executable, '-m', 'vmoe.tools.superclasses',
+         '--config=configs/digits.py:router=dense', f'--workdir={dense_dir}',
+         f'--num_experts={NUM_EXPERTS}', '--dataset=test'])
+  return f',superclasses={path}'
+
+
+def describe(name):
+  config = common.load_config(f'{ROOT}/configs/digits.py:router={name}')
+  return flops.flops_per_image(config.model, (8, 8)) / 1e9
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--out_dir', required=True)
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--train_steps', type=int, default=1000)
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--doc', default=os.path.join(ROOT, 'docs', 'routers.md'))
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  variants = args.variants.split(',')
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    raise SystemExit(f'Unknown variants {unknown}; valid: {VARIANTS}.')
+  rows = {}
+  for name in variants:
+    accs, step_s, params = [], [], None
+    for seed in seeds:
+      arg = (superclasses_of(seed, args.train_steps, args.out_dir)
+             if name == 'per_image_superclass' else '')
+      _, m = train(name, seed, args.train_steps, args.out_dir, arg)
+      accs.append(m['test']['prec@1'])
+      step_s.append(m.get('train_seconds_per_step', float('nan')))
+      params = m.get('num_params', params)
+    rows[name] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), accs=accs,
+                      step_ms=1e3 * float(np.nanmedian(step_s)), params=params,
+                      gflops=describe(name))
+  write_doc(rows, seeds, args)
+
+
+def write_doc(rows, seeds, args):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = list(rows)
+  fig, ax = plt.subplots(figsize=(9, 4))
+  ax.bar(names, [100 * rows[n]['mean'] for n in names],
+         yerr=[100 * rows[n]['std'] for n in names], capsize=3, color='tab:blue')
+  lo = min(100 * (rows[n]['mean'] - rows[n]['std']) for n in names)
+  ax.set_ylim(max(0, lo - 2), 100)
+  ax.set_ylabel('test prec@1 (%)')
+  ax.set_title(f'digits, {len(seeds)} seeds, {args.train_steps} steps')
+  plt.setp(ax.get_xticklabels(), rotation=30, ha='right')
+  fig.tight_layout()
+  png = os.path.splitext(args.doc)[0] + '.png'
+  fig.savefig(png, dpi=110)
+  lines = ['| variant | test prec@1 (mean ± std) | per seed | step time (ms) | params | '
+           'GFLOPs / image |', '|---|---|---|---|---|---|']
+  for n in names:
+    r = rows[n]
+    lines.append(f'| {n} | {100 * r["mean"]:.2f} ± {100 * r["std"]:.2f} | '
+                 + ', '.join(f'{100 * a:.1f}' for a in r['accs'])
+                 + f' | {r["step_ms"]:.1f} | {r["params"]} | {r["gflops"]:.5f} |')
+  table = '\n'.join(lines)
+  print(table)
+  with open(os.path.splitext(args.doc)[0] + '.json', 'w') as f:
+    json.dump(rows, f, indent=1)
+  marker = '<!-- results -->'
+  text = open(args.doc).read() if os.path.exists(args.doc) else f'# Routers\n\n{marker}\n'
+  head = text.split(marker)[0]
+  with open(args.doc, 'w') as f:
+    f.write(f'{head}{marker}\n\nCommand: `python scripts/compare_routers.py '
+            f'--seeds={",".join(map(str, seeds))} --train_steps={args.train_steps}`\n\n'
+            f'{table}\n\n![routers]({os.path.basename(png)})\n')
+
+
+if __name__ == '__main__':
+  main()

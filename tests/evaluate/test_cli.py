@@ -1,0 +1,155 @@
+"""End to end: a tiny digits V-MoE trained by `vmoe.main`, then `vmoe.evaluate` (sweep,
+routing analysis, few-shot) on 8 fake devices and `vmoe.tools.superclasses`.
+
+The sweep's variant equal to the training config must reproduce the trainer's own final
+eval (accuracy and dropped tokens) although it runs on 8 devices instead of 1: groups
+hold whole images, so routing does not depend on how the batch is split.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vmoe.configs import common
+from vmoe.evaluate import command
+from vmoe.evaluate import sweep
+from vmoe.nn import models
+from vmoe.tools import superclasses
+from vmoe.train import config_checks
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OVERRIDES = {
+    'train_steps': 8,
+    'optimizer.learning_rate.warmup_steps': 2,
+    'dataset.train.batch_size': 32,
+    'model.hidden_size': 16,
+    'model.encoder.num_layers': 2,
+    'model.encoder.mlp_dim': 32,
+    'model.encoder.num_heads': 2,
+    'model.encoder.moe.layers': (1,),
+    'save_checkpoint.every_steps': 4,
+    'evaluate.every_steps': 100,  # Only the final evaluation.
+    'fewshot.every_steps': 4,
+    'fewshot.shots': (1, 2),
+}
+CONFIG_ARG = 'configs/digits.py:num_experts=4'
+FLAGS = [f'--config={CONFIG_ARG}'] + [
+    f'--config.{k}={v}'.replace(' ', '') for k, v in OVERRIDES.items()]
+
+
+def run(module, *args, env, devices=1):
+  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def tiny_config():
+  config = common.load_config(os.path.join(REPO, CONFIG_ARG))
+  return sweep.variant_config(config, OVERRIDES)
+
+
+@pytest.fixture(scope='module')
+def env(digits_data_dir):
+  return dict(os.environ, TFDS_DATA_DIR=digits_data_dir)
+
+
+@pytest.fixture(scope='module')
+def workdir(env, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('trained'))
+  run('vmoe.main', f'--workdir={path}', *FLAGS, env=env)
+  return path
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_training_reports_fewshot_and_dropped_tokens(workdir):
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    final = json.load(f)
+  assert set(final['fewshot']) == {'fewshot/1shot', 'fewshot/2shot'}
+  assert all(0 <= v <= 1 for v in final['fewshot'].values())
+  assert 0 <= final['test']['dropped/encoderblock_1'] < 1
+
+
+def test_sweep_analysis_fewshot_on_8_devices(workdir, env):
+  out = run('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--analyze', '--fewshot',
+            '--sweep=capacity_factor=0.25,1.05,4;batch_priority=false,true', env=env,
+            devices=8)
+  assert 'Sweep of 6 variants' in out
+  eval_dir = os.path.join(workdir, 'eval')
+  rows = read_csv(os.path.join(eval_dir, 'sweep.csv'))
+  assert [(r['capacity_factor'], r['batch_priority']) for r in rows] == [
+      ('0.25', 'False'), ('0.25', 'True'), ('1.05', 'False'), ('1.05', 'True'),
+      ('4', 'False'), ('4', 'True')]
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    final = json.load(f)['test']
+  trained = rows[2]  # The training config: cf 1.05, no BPR.
+  np.testing.assert_allclose(float(trained['accuracy']), final['prec@1'], atol=1e-6)
+  np.testing.assert_allclose(float(trained['dropped/encoderblock_1']),
+                             final['dropped/encoderblock_1'], atol=1e-6)
+  dropped = [float(r['dropped/encoderblock_1']) for r in rows if r['batch_priority'] == 'False']
+  gflops = [float(r['gflops_per_image']) for r in rows if r['batch_priority'] == 'False']
+  assert dropped[0] > dropped[1] > dropped[2] == 0.0  # capacity 4x: nothing dropped.
+  assert gflops[0] < gflops[1] < gflops[2]
+  assert json.load(open(os.path.join(eval_dir, 'sweep.json')))[2]['capacity_factor'] == 1.05
+  for name in ('sweep.png', 'routing.png', 'routing_summary.png', 'fewshot.png'):
+    assert os.path.getsize(os.path.join(eval_dir, name)) > 1000, name
+  routing = json.load(open(os.path.join(eval_dir, 'routing.json')))
+  layer = routing['layers']['encoderblock_1']
+  np.testing.assert_allclose(sum(layer['expert_load']), 1.0, atol=1e-9)
+  np.testing.assert_allclose(layer['dropped_fraction'], final['dropped/encoderblock_1'],
+                             atol=1e-6)
+  assert np.asarray(layer['class_expert_counts']).shape == (10, 4)
+  assert routing['recommendation']['keep_moe'] == ['encoderblock_1']
+  shots = json.load(open(os.path.join(eval_dir, 'fewshot.json')))
+  assert set(shots) == {'1shot', '2shot'}
+  assert set(shots['1shot']['by_l2']) and 0 <= shots['2shot']['accuracy'] <= 1
+
+
+def test_superclasses_from_a_trained_model(workdir, tmp_path):
+  config = tiny_config()
+  path = superclasses.derive(config, workdir, 3, output=str(tmp_path / 'sc.json'))
+  table = json.load(open(path))
+  assert len(table['superclass_of_class']) == 10
+  assert set(table['superclass_of_class']) == {0, 1, 2}
+  assert np.asarray(table['confusion']).sum() == 360  # The whole test split.
+  assert os.path.getsize(tmp_path / 'sc.png') > 1000
+  # The file plugs into the super-class guided per-image variant.
+  guided = common.load_config(os.path.join(
+      REPO, f'configs/digits.py:router=per_image_superclass,superclasses={path}'))
+  config_checks.check_config(guided)
+  assert guided.model.encoder.moe.router.superclasses == path
+  with pytest.raises(ValueError, match='Cannot split 10 classes into num_experts=11'):
+    superclasses.derive(config, workdir, 11, output=str(tmp_path / 'x.json'))
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('capacity_factr=1,2', r"Bad sweep item 'capacity_factr=1,2'.*KEY one of "
+                           r"\['batch_priority', 'capacity', 'capacity_factor'"),
+    ('capacity_factor=-1', r'Sweep variant capacity_factor=-1 is not a valid config'),
+    ('num_selected_experts=5', r'Sweep variant num_selected_experts=5 is not a valid config'),
+])
+def test_bad_sweep_fails_before_anything_runs(spec, message):
+  with pytest.raises(ValueError, match=message):
+    command.check(tiny_config(), 'test', spec)
+
+
+def test_bad_eval_set():
+  with pytest.raises(ValueError, match=r"--eval_set='val' is not an eval set.*\['test'\]"):
+    command.check(tiny_config(), 'val', 'capacity_factor=1')
+
+
+def test_variant_config_does_not_touch_the_original():
+  config = tiny_config()
+  v = sweep.variant_config(config, {'model.encoder.moe.router.dispatcher.capacity_factor': 9})
+  assert v.model.encoder.moe.router.dispatcher.capacity_factor == 9
+  assert config.model.encoder.moe.router.dispatcher.capacity_factor == 1.05
+  assert models.validate(v.model)['encoder']['moe']['layers'] == (1,)
