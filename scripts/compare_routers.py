@@ -1,7 +1,7 @@
 r"""Train every digits router variant with several seeds; write docs/routers.md + PNG.
 
   python scripts/compare_routers.py --out_dir=/tmp/vmoe_routers [--seeds=0,1,2]
-      [--train_steps=1000] [--variants=dense,top_k,...]
+      [--train_steps=500] [--variants=dense,top_k,...]
 
 Each run is `python -m vmoe.main --config=configs/digits.py:router=NAME` in its own
 workdir (kept, so a killed comparison resumes where it stopped). `per_image_superclass`
@@ -64,7 +64,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out_dir', required=True)
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--train_steps', type=int, default=1000)
+  parser.add_argument('--train_steps', type=int, default=500)
   parser.add_argument('--variants', default=','.join(VARIANTS))
   parser.add_argument('--doc', default=os.path.join(ROOT, 'docs', 'routers.md'))
   args = parser.parse_args()

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from vmoe.evaluate import analysis
 from vmoe.evaluate import fewshot
@@ -44,6 +45,31 @@ def test_dropped_tokens_and_padding_are_counted_right():
   s = stats.summary()
   assert s['dropped_fraction'] == 0.5
   assert s['class_expert_counts'] == [[0, 0], [1, 0]]
+
+
+def test_superclass_by_expert_counts(tmp_path):
+  stats = analysis.RoutingStats(4, 2)
+  labels = np.array([0, 1, 2, 3])  # Super-classes {0, 2} -> 0 and {1, 3} -> 1.
+  experts = np.array([[0, 0, 1, 1, 0, 0, 1, 0]])  # 2 tokens per image.
+  stats.add(_slots(experts, 2), labels, np.ones(4, bool))
+  s = stats.summary(superclasses=[0, 1, 0, 1])
+  assert s['class_expert_counts'] == [[2, 0], [0, 2], [2, 0], [1, 1]]
+  assert s['superclass_expert_counts'] == [[4, 0], [1, 3]]
+  analysis.plot_superclasses({'encoderblock_3': s}, str(tmp_path / 'sc.png'))
+  analysis.plot_summary({'encoderblock_3': s}, str(tmp_path / 'summary.png'))
+  assert (tmp_path / 'sc.png').stat().st_size > 1000
+  assert (tmp_path / 'summary.png').stat().st_size > 1000
+
+
+def test_fewshot_config_errors():
+  ok = {'train': {'name': 'digits'}, 'test': {'name': 'digits'}}
+  fewshot.check_config(ok)
+  for bad, message in [({**ok, 'shot': (1,)}, r"Unknown key\(s\) \['shot'\]"),
+                       ({'train': ok['train']}, r'config.fewshot.test is required'),
+                       ({**ok, 'shots': (0, 5)}, r'config.fewshot.shots=\(0, 5\)'),
+                       ({**ok, 'l2s': (-1.0,)}, r'config.fewshot.l2s=\(-1.0,\)')]:
+    with pytest.raises(ValueError, match=message):
+      fewshot.check_config(bad)
 
 
 def test_ridge_fewshot_separates_separable_classes():

@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from vmoe import inference
 from vmoe.configs import common
 from vmoe.evaluate import command
 from vmoe.evaluate import sweep
@@ -153,3 +155,14 @@ def test_variant_config_does_not_touch_the_original():
   assert v.model.encoder.moe.router.dispatcher.capacity_factor == 9
   assert config.model.encoder.moe.router.dispatcher.capacity_factor == 1.05
   assert models.validate(v.model)['encoder']['moe']['layers'] == (1,)
+
+
+def test_load_params_accepts_a_workdir_and_a_step_directory(workdir, tmp_path):
+  by_workdir = inference.load_params(workdir)
+  by_step = inference.load_params(os.path.join(workdir, 'checkpoints', '4'))
+  assert jax.tree.structure(by_workdir) == jax.tree.structure(by_step)
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(by_workdir),
+                                                       jax.tree.leaves(by_step))]
+  assert any(changed)  # Step 8 (latest) is not step 4.
+  with pytest.raises(ValueError, match='No checkpoint at .*a WORKDIR'):
+    inference.load_params(str(tmp_path))

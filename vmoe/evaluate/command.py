@@ -42,7 +42,7 @@ def check(config, eval_set: str, spec: str) -> list:
 
 def analyze(config, params, eval_set: str, out_dir: str, threshold: float) -> dict:
   model_config = models.validate(config_checks.eval_model_config(config.to_dict()))
-  forward = runner.Forward(models.build_model(model_config), intermediates=True)
+  forward = runner.Forward(models.build_model(model_config), outputs='intermediates')
   stats = analysis.collect(forward, params, pipeline.make_eval_iterable(
       config.dataset[eval_set]), model_config['num_classes'])
   if not stats:

@@ -96,10 +96,8 @@ class FewshotEvaluator:
 
   def __init__(self, model_config: Any, cfg: Mapping[str, Any]):
     check_config(cfg)
-    features_config = models.to_dict(model_config)
-    self.num_classes = features_config['num_classes']
-    features_config['num_classes'] = None  # The model then returns its pre-logits.
-    self.forward = runner.Forward(models.build_model(features_config))
+    self.num_classes = models.validate(model_config)['num_classes']
+    self.forward = runner.Forward(models.build_model(model_config), outputs='pre_logits')
     self.train = pipeline.make_eval_iterable(ml_collections.ConfigDict(cfg['train']))
     self.test = pipeline.make_eval_iterable(ml_collections.ConfigDict(cfg['test']))
     self.shots = tuple(cfg.get('shots') or DEFAULT_SHOTS)

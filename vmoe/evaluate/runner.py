@@ -28,25 +28,34 @@ def check_single_process(tool: str):
                      f'process (it uses all local devices), not {jax.process_count()}.')
 
 
-class Forward:
-  """jit(params, images) -> (logits [B, C] or features, intermediates) on a data mesh.
+OUTPUTS = ('logits', 'pre_logits', 'intermediates')
 
-  intermediates=True also returns what the MoE layers sow: per layer `buffer_slot`
-  [G, S, E] (-1: not routed), `combine_weight` [G, S, E] and the router's `logits`.
-  Compiled once per batch shape, reused for any params of the same model.
+
+class Forward:
+  """jit(params, images) -> (outputs, intermediates) on a data mesh.
+
+  outputs='logits': (logits [B, C], {}); 'pre_logits': (the representation the head
+  reads [B, D], {}); 'intermediates': (logits, everything the model sows: per MoE layer
+  `buffer_slot` [G, S, E] (-1: not routed), `combine_weight` [G, S, E], the router's
+  `logits`, and the `representation`). Compiled once per batch shape, reused for any params.
   """
 
-  def __init__(self, model, *, intermediates: bool = False):
+  def __init__(self, model, *, outputs: str = 'logits'):
+    if outputs not in OUTPUTS:
+      raise ValueError(f'outputs={outputs!r} is not one of {OUTPUTS}.')
     self.mesh = mesh_lib.make_mesh()
     self.replicated = jax.sharding.NamedSharding(self.mesh, P())
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, P('data'))
 
     def apply(p, images):
-      if intermediates:
-        (out, _), state = model.apply({'params': p}, images, train=False,
-                                      mutable=['intermediates'])
-        return out, state.get('intermediates', {})
-      return model.apply({'params': p}, images, train=False)[0], {}
+      if outputs == 'logits':
+        return model.apply({'params': p}, images, train=False)[0], {}
+      (logits, _), state = model.apply({'params': p}, images, train=False,
+                                       mutable=['intermediates'])
+      inter = state.get('intermediates', {})
+      if outputs == 'pre_logits':
+        return inter['representation'][0], {}
+      return logits, inter
 
     self._apply = jax.jit(apply, in_shardings=(self.replicated, self.batch_sharding))
 

@@ -14,6 +14,7 @@ ALIASES = {
     'capacity': f'{ROUTER}.dispatcher.capacity',
     'batch_priority': f'{ROUTER}.dispatcher.batch_priority',
     'num_selected_experts': f'{ROUTER}.num_selected_experts',
+    'capacity_multiple_of': f'{ROUTER}.dispatcher.capacity_multiple_of',
     'dispatcher': f'{ROUTER}.dispatcher.name',
     'num_slots': f'{ROUTER}.num_slots',
     'group_size': 'model.encoder.moe.group_size',

@@ -110,6 +110,8 @@ def _validate_moe(moe: dict, num_layers: int, num_classes: Optional[int]) -> dic
     raise ValueError(f'{where}.router.name={name!r} is unknown; valid: '
                      f'{sorted(routers_lib.ROUTERS)}.')
   where = f'{where}.router'
+  if 'num_classes' in router and router['num_classes'] == num_classes:
+    del router['num_classes']  # Set below by validation itself: validating twice is fine.
   _check_keys(router, routers_lib.router_fields(name), where)
   k = router.get('num_selected_experts', 1)
   if 'num_selected_experts' in router and (not isinstance(k, int) or not 1 <= k <= e):

@@ -161,6 +161,8 @@ class VisionTransformerMoe(nn.Module):
       x = MapHead(self.encoder['num_heads'], self.encoder['mlp_dim'], name='MapHead')(x)
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits')(x))
+    # The representation, for few-shot probes of this model (vmoe.evaluate.fewshot).
+    self.sow('intermediates', 'representation', x)
     if not self.num_classes:
       return x, metrics
     kernel_init = (nn.initializers.zeros if self.head_kernel_zero_init
