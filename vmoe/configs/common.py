@@ -23,6 +23,8 @@ VARIANTS = {
     'B': dict(hidden_size=768, num_layers=12, mlp_dim=3072, num_heads=12),
     'L': dict(hidden_size=1024, num_layers=24, mlp_dim=4096, num_heads=16),
     'H': dict(hidden_size=1280, num_layers=32, mlp_dim=5120, num_heads=16),
+    # V-MoE 15B's backbone (ViT-G-like; the paper's largest model).
+    '15B': dict(hidden_size=1408, num_layers=48, mlp_dim=6400, num_heads=16),
 }
 
 

@@ -1,0 +1,81 @@
+"""Mesh shapes, sharding rules and the dry-run planner (abstract shapes only)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vmoe import plan as plan_lib
+from vmoe.configs import common
+from vmoe.nn import models
+from vmoe.parallel import rules
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+P = jax.sharding.PartitionSpec
+
+
+def test_mesh_shape():
+  assert rules.mesh_shape('data:-1,expert:4', 8) == {'data': 2, 'expert': 4}
+  assert rules.mesh_shape({'data': 8}, 8) == {'data': 8}
+  for spec, message in [('data:3,expert:4', 'has 12 devices but there are 8'),
+                        ('data:-1,expert:-1', 'at most one of them -1'),
+                        ('data:-1,expert:3', '8 devices are not a multiple of 3'),
+                        ('data=8', "Bad mesh item 'data=8'")]:
+    with pytest.raises(ValueError, match=message):
+      rules.mesh_shape(spec, 8)
+
+
+def _digits_params(num_experts=4):
+  config = common.load_config(os.path.join(REPO, f'configs/digits.py:num_experts={num_experts}'))
+  model = models.build_model(config.model)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                        jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32))['params']
+
+
+def test_experts_on_the_expert_axis_rest_replicated_or_fsdp():
+  params = _digits_params()
+  mesh = {'data': 2, 'expert': 4}
+  specs = rules.partition_specs(params, mesh)
+  moe = specs['Encoder']['encoderblock_1']['Moe']
+  assert moe['Mlp']['Dense_0']['kernel'] == P('expert')
+  assert moe['Mlp']['Dense_1']['bias'] == P('expert')
+  assert moe['Router']['dense']['kernel'] == P()
+  assert specs['head']['kernel'] == P()
+  mlp = params['Encoder']['encoderblock_1']['Moe']['Mlp']
+  total = sum(x.size * 4 for x in jax.tree.leaves(mlp))
+  assert rules.bytes_per_device(mlp, moe['Mlp'], mesh) == total // 4
+  fsdp = rules.partition_specs(params, mesh, fsdp=True)
+  assert fsdp['Encoder']['encoderblock_0']['Mlp']['Dense_0']['kernel'] == P(None, 'data')
+  assert fsdp['Encoder']['encoderblock_1']['Moe']['Mlp']['Dense_0']['kernel'] == P(
+      'expert', None, 'data')
+
+
+def test_experts_must_divide_the_expert_axis():
+  with pytest.raises(ValueError, match=r"has 4 experts, not divisible by the mesh axis "
+                     r"'expert' of size 8"):
+    rules.check_experts(_digits_params(4), {'expert': 8})
+
+
+def test_15b_plan():
+  config = common.load_config(os.path.join(REPO, 'configs/vmoe_15b.py'))
+  p = plan_lib.plan(config, 'data:16,expert:32')
+  assert abs(p['num_params'] / 14.7e9 - 1) < 0.02
+  dense = p['total_bytes']['params'] - 4 * p['num_expert_params']
+  assert p['per_device_bytes']['params'] == dense + 4 * p['num_expert_params'] // 32
+  assert p['per_device_bytes']['gradients'] == p['per_device_bytes']['params']
+  assert p['batch_per_device'] == 4096 / 512
+  assert p['per_device_bytes']['total'] == sum(
+      v for k, v in p['per_device_bytes'].items() if k != 'total')
+
+
+def test_plan_cli_json():
+  out = subprocess.run(
+      [sys.executable, '-m', 'vmoe.plan', '--config=configs/digits.py', '--mesh=data:2',
+       '--image_size=8', '--json'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  p = json.loads(out.stdout.strip().splitlines()[-1])
+  assert p['num_params'] == 136_522 + 2 * 7 * (64 * 128 + 128 * 64 + 128 + 64) + 2 * 64 * 8
+  assert p['per_device_bytes']['params'] == 4 * p['num_params']
