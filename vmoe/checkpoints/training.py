@@ -9,12 +9,20 @@ A half-written checkpoint is never loaded: orbax writes each step into
 `<step>.orbax-checkpoint-tmp-<id>/` and renames it to `<step>/` only once every
 file is complete (the rename is atomic on a local file system); the step list
 ignores the temporary names, and `cleanup_tmp_directories` deletes the ones a
-crash left behind.
+crash left behind. A complete checkpoint that cannot be read (a truncated or
+lost file) is skipped for the previous one by `restore_latest`.
+
+Loading never executes code: arrays are read by TensorStore (zarr chunks in an
+OCDBT database) and the rest is JSON; nothing is unpickled.
 """
 import os
+import tempfile
+import time
 from typing import Any
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -32,6 +40,7 @@ class TrainCheckpointer:
       raise ValueError(f'save_checkpoint.keep_last must be > 0 or None (keep '
                        f'all), got {keep_last}.')
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    check_writable(workdir, os.path.abspath(workdir), self.directory)
     self.every_steps = every_steps
     self._last_saved = None
     self._manager = ocp.CheckpointManager(
@@ -88,6 +97,56 @@ class TrainCheckpointer:
             meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree] | None:
+    """(step, state) of the latest checkpoint that can be read; None if none.
+
+    A checkpoint that fails to load (e.g. a truncated file) is logged and the
+    previous one tried. Once one loads, the unreadable newer ones are moved to
+    WORKDIR/checkpoints_unreadable/ (kept for inspection, and out of the way
+    of the steps about to be saved again). If none loads, nothing is moved
+    (e.g. a changed model config fails every step alike) and the ValueError
+    lists each step's error.
+    """
+    errors = {}
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, _ = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # Orbax raises bare Exceptions.
+        errors[step] = read_error(e)
+        logging.warning('Checkpoint step %d in %s cannot be read, so it is not '
+                        'used (trying the previous one): %s', step,
+                        self.directory, errors[step])
+        continue
+      if errors:
+        self._move_aside(sorted(errors))
+        logging.warning('Resuming from step %d, the latest readable checkpoint; '
+                        'unreadable steps %s moved to %s.', step, sorted(errors),
+                        self._unreadable_dir)
+      return step, state
+    if errors:
+      raise ValueError(
+          f'No checkpoint in {self.directory} can be read: '
+          + '; '.join(f'step {s}: {e}' for s, e in errors.items())
+          + '. If the config changed since they were written, restore it; to '
+          'start from scratch, move that directory away.')
+    return None
+
+  @property
+  def _unreadable_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable')
+
+  def _move_aside(self, steps: list[int]):
+    if jax.process_index() == 0:
+      os.makedirs(self._unreadable_dir, exist_ok=True)
+      for step in steps:
+        os.replace(os.path.join(self.directory, str(step)),
+                   os.path.join(self._unreadable_dir, f'{step}-{time.time_ns()}'))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('TrainCheckpointer._move_aside')
+    self._manager.reload()
+    if self._last_saved in steps:
+      self._last_saved = None
+
   def wait(self):
     """Blocks until the checkpoints being written are complete on disk."""
     self._manager.wait_until_finished()
@@ -96,6 +155,18 @@ class TrainCheckpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
+
+def check_writable(workdir: str, *dirs: str):
+  """Creates `dirs` and writes a file in each: a workdir that cannot be written
+  fails at the start, not at the first checkpoint hours later."""
+  for d in dirs:
+    try:
+      os.makedirs(d, exist_ok=True)
+      tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+      raise ValueError(f'--workdir={workdir!r} cannot be written ({d}: '
+                       f'{e.strerror}); give a directory this process can '
+                       f'create and write, or fix its permissions.') from None
 
 
 def load_latest_params(workdir: str) -> tuple[int, PyTree]:
@@ -108,10 +179,25 @@ def load_latest_params(workdir: str) -> tuple[int, PyTree]:
   if step is None:
     raise ValueError(f'No complete checkpoint in {directory}; train first with '
                      f'python -m vmoe.main --workdir={workdir}.')
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore())).state
-  manager.close()
+  try:
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+  except Exception as e:  # pylint: disable=broad-except  # Orbax raises bare Exceptions.
+    raise ValueError(f'Checkpoint step {step} in {directory} cannot be read: '
+                     f'{read_error(e)}. Resuming the training with the same '
+                     f'--workdir falls back to the previous step.') from None
+  finally:
+    manager.close()
   return step, state['params']
+
+
+def read_error(e: BaseException) -> str:
+  """The root cause of a failed restore, in one line (orbax wraps TensorStore's
+  error, which names the array and the file or database, in one naming neither)."""
+  while e.__cause__ or e.__context__:
+    e = e.__cause__ or e.__context__
+  first_line = (str(e).strip().splitlines() or [''])[0]
+  return f'{type(e).__name__}: {first_line.split(" [tensorstore_spec=")[0][:500]}'
 
 
 def load_step_params(step_dir: str) -> PyTree:

@@ -75,6 +75,9 @@ def base_config(*, seed: int = 0) -> ConfigDict:
   c.evaluate = ConfigDict(dict(every_steps=1_000))
   c.report_progress = ConfigDict(dict(
       every_steps=100, every_secs=config_dict.placeholder(float)))
+  # A step with a NaN/Inf loss or gradient norm is never applied; 'stop' ends
+  # the run naming the last good checkpoint, 'skip' goes on.
+  c.nonfinite = 'stop'
   return c
 
 

@@ -1,19 +1,31 @@
-"""Checks a training config against the keys the trainer understands.
+"""Checks a training config before anything is built or compiled.
 
-Runs before anything is built, so that a typo costs a second, not a
-compilation: every unknown key is an error that lists the valid ones.
+Three passes, each a ValueError naming the key, its value and the fix:
+  check_config: the config alone (keys, types, values, the model), in
+      milliseconds: a typo never costs a compilation;
+  check_data: what needs the datasets' metadata (never their records): each
+      dataset is prepared and each split exists and is not empty;
+  check_inputs: what needs the shapes of the first batches (patches tile the
+      images, MoE groups tile each device's tokens, labels match the classes).
+The trainer runs all three, in this order, before it compiles anything.
 """
-from typing import Any, Mapping
+import dataclasses
+import math
+import sys
+from typing import Any, Mapping, Sequence
 
 import ml_collections
+import tensorflow_datasets as tfds
 from vmoe.data import pipeline
 from vmoe.data import pp_ops
 from vmoe.evaluate import fewshot
 from vmoe.nn import models
+from vmoe.nn import routers
 from vmoe.train import losses
 from vmoe.train import mixup
 from vmoe.train import optimizers
 from vmoe.train import registry
+from vmoe.train import schedules
 
 # Top-level key -> the keys of its sub-config (None: not a sub-config of ours).
 TOP_KEYS = {
@@ -31,12 +43,17 @@ TOP_KEYS = {
     'evaluate': frozenset({'every_steps', 'model_overrides'}),
     'report_progress': frozenset({'every_steps', 'every_secs'}),
     'fewshot': None,  # Checked by vmoe.evaluate.fewshot.check_config.
+    'nonfinite': None,  # One of NONFINITE_MODES.
 }
 DATASET_KEYS = pipeline.KNOWN_KEYS
 DATASET_REQUIRED = ('name', 'split', 'process', 'batch_size')
 # Keys of final_metrics.json next to the eval split names.
 RESERVED_SPLIT_NAMES = frozenset({'step', 'num_params', 'train_seconds_per_step',
                                   'fewshot'})
+# What a step whose loss or gradient norm is NaN/Inf does (its update is never
+# applied): 'stop' the run (default) or 'skip' it and go on.
+NONFINITE_MODES = ('stop', 'skip')
+CACHE_VALUES = (None, False, True, 'batched')
 
 
 def to_dict(config: Any) -> dict:
@@ -50,12 +67,26 @@ def _check_keys(d: Mapping[str, Any], valid, where: str):
                      f'{sorted(valid)}.')
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _positive_int(value, where: str, *, optional: bool = False):
   if value is None and optional:
     return
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f'{where}={value!r} must be a positive integer'
                      f'{" or None" if optional else ""}.')
+
+
+def _sub(c: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+  """c[key] as a mapping ({} if unset)."""
+  value = c.get(key)
+  if value is None:
+    return {}
+  if not isinstance(value, Mapping):
+    raise ValueError(f'{where}.{key}={value!r} must be a sub-config (a dict).')
+  return value
 
 
 def check_key_path(config: Any, path: str):
@@ -95,10 +126,10 @@ def check_config(config: Any, *, num_devices: int = 1, num_processes: int = 1):
   c = to_dict(config)
   _check_keys(c, TOP_KEYS, 'config')
   for key, valid in TOP_KEYS.items():
-    if valid is not None and c.get(key) is not None:
-      _check_keys(c[key], valid, f'config.{key}')
+    if valid is not None:
+      _check_keys(_sub(c, key, 'config'), valid, f'config.{key}')
   for key in ('dataset', 'model', 'optimizer', 'loss'):
-    if not c.get(key):
+    if not _sub(c, key, 'config'):
       raise ValueError(f'config.{key} is required.')
   _check_dataset(c['dataset'], num_devices=num_devices,
                  num_processes=num_processes)
@@ -109,40 +140,106 @@ def check_config(config: Any, *, num_devices: int = 1, num_processes: int = 1):
         f'train_epochs={c.get("train_epochs")!r}.')
   _positive_int(c.get('train_steps'), 'config.train_steps', optional=True)
   epochs = c.get('train_epochs')
-  if epochs is not None and not (isinstance(epochs, (int, float)) and epochs > 0):
-    raise ValueError(f'config.train_epochs={epochs!r} must be > 0.')
-  if not isinstance(c.get('seed', 0), int):
-    raise ValueError(f'config.seed={c["seed"]!r} must be an integer.')
-  rng_keys = c.get('extra_rng_keys', ())
-  if (not isinstance(rng_keys, (list, tuple))
-      or not all(isinstance(k, str) for k in rng_keys)):
-    raise ValueError(f'config.extra_rng_keys={rng_keys!r} must be a tuple of '
-                     f'names, e.g. ("dropout", "gating").')
+  if epochs is not None and not (_is_number(epochs) and epochs > 0):
+    raise ValueError(f'config.train_epochs={epochs!r} must be a number > 0.')
+  seed = c.get('seed', 0)
+  if not isinstance(seed, int) or isinstance(seed, bool):
+    raise ValueError(f'config.seed={seed!r} must be an integer.')
+  mode = c.get('nonfinite', 'stop')
+  if mode not in NONFINITE_MODES:
+    raise ValueError(f'config.nonfinite={mode!r} is unknown; valid: '
+                     f'{NONFINITE_MODES} (what a step with a NaN/Inf loss or '
+                     f'gradient norm does: stop the run, or skip that step).')
   loss_name = c['loss'].get('name')
   if loss_name not in losses.LOSSES:
     raise ValueError(f'config.loss.name={loss_name!r} is unknown; valid: '
                      f'{sorted(losses.LOSSES)}.')
-  optimizers.check_config(c['optimizer'])
+  _check_optimizer(c['optimizer'], c.get('train_steps'))
   if c.get('mixup'):
     registry.check_kwargs(mixup.check_config, c['mixup'], what='config.mixup')
     mixup.check_config(**c['mixup'])
-  _positive_int(c.get('save_checkpoint', {}).get('every_steps'),
-                'config.save_checkpoint.every_steps', optional=True)
-  _positive_int(c.get('save_checkpoint', {}).get('keep_last'),
-                'config.save_checkpoint.keep_last', optional=True)
-  _positive_int(c.get('evaluate', {}).get('every_steps'),
-                'config.evaluate.every_steps', optional=True)
-  _positive_int(c.get('report_progress', {}).get('every_steps'),
-                'config.report_progress.every_steps', optional=True)
+  for key, sub in (('save_checkpoint', 'every_steps'), ('save_checkpoint', 'keep_last'),
+                   ('evaluate', 'every_steps'), ('report_progress', 'every_steps')):
+    _positive_int(_sub(c, key, 'config').get(sub), f'config.{key}.{sub}',
+                  optional=True)
+  secs = _sub(c, 'report_progress', 'config').get('every_secs')
+  if secs is not None and not (_is_number(secs) and secs > 0):
+    raise ValueError(f'config.report_progress.every_secs={secs!r} must be a '
+                     f'number > 0 or None.')
   models.validate(c['model'])
-  models.validate(eval_model_config(c))
+  overrides = _sub(c, 'evaluate', 'config').get('model_overrides')
+  if overrides is not None and not isinstance(overrides, Mapping):
+    raise ValueError(f'config.evaluate.model_overrides={overrides!r} must be a '
+                     f'sub-config of model keys, e.g. {{"encoder": {{"moe": ...}}}}.')
+  try:
+    models.validate(eval_model_config(c))
+  except ValueError as e:
+    raise ValueError(f'config.evaluate.model_overrides give an invalid eval '
+                     f'model: {e}') from None
+  _check_rng_keys(c)
   if c.get('fewshot'):
-    fewshot.check_config(c['fewshot'])
+    fewshot.check_config(_sub(c, 'fewshot', 'config'))
     for split in ('train', 'test'):
       _check_data_config(c['fewshot'][split], f'config.fewshot.{split}',
                          num_devices=num_devices, num_processes=num_processes)
     _positive_int(c['fewshot'].get('every_steps'), 'config.fewshot.every_steps',
                   optional=True)
+
+
+def _check_rng_keys(c: Mapping[str, Any]):
+  """The model's random streams in training must be in config.extra_rng_keys
+  (flax would only fail while tracing the train step)."""
+  rng_keys = c.get('extra_rng_keys', ())
+  if (not isinstance(rng_keys, (list, tuple))
+      or not all(isinstance(k, str) for k in rng_keys)):
+    raise ValueError(f'config.extra_rng_keys={rng_keys!r} must be a tuple of '
+                     f'names, e.g. ("dropout", "gating").')
+  model = models.validate(c['model'])
+  enc, needed = model['encoder'], []
+  if enc.get('dropout_rate') or enc.get('attention_dropout_rate'):
+    needed.append('dropout')
+  moe = enc.get('moe') or {}
+  if moe.get('layers'):
+    router = moe['router']
+    defaults = {f.name: f.default
+                for f in dataclasses.fields(routers.ROUTERS[router['name']])}
+    if router.get('noise_std', defaults.get('noise_std')):
+      needed.append('gating')
+  missing = [k for k in needed if k not in rng_keys]
+  if missing:
+    raise ValueError(f'config.extra_rng_keys={tuple(rng_keys)!r} lacks {missing}, '
+                     f'which the model draws from in training (dropout rates > 0, '
+                     f'router noise_std > 0); add them.')
+
+
+def _check_optimizer(opt: Mapping[str, Any], train_steps: int | None):
+  _sub(opt, 'gradient_clip', 'config.optimizer')
+  optimizers.check_config(opt)
+  norm = (opt.get('gradient_clip') or {}).get('global_norm')
+  if norm is not None and not (_is_number(norm) and norm > 0):
+    raise ValueError(f'config.optimizer.gradient_clip.global_norm={norm!r} must '
+                     f'be a number > 0, or None for no clipping.')
+  check_learning_rate(opt['learning_rate'], train_steps)
+
+
+def check_learning_rate(lr: Any, train_steps: int | None):
+  """config.optimizer.learning_rate: a rate or a schedule, for `train_steps`
+  (None: not known yet, with train_epochs; check_data checks it again)."""
+  where = 'config.optimizer.learning_rate'
+  if _is_number(lr) or not isinstance(lr, Mapping):
+    if not (_is_number(lr) and math.isfinite(lr) and lr >= 0):
+      raise ValueError(f'{where}={lr!r} must be a finite number >= 0 or a '
+                       f'schedule {{"schedule": NAME, ...}} with NAME in '
+                       f'{sorted(schedules.SCHEDULES)}.')
+    return
+  for key, value in lr.items():
+    if key != 'schedule' and value is not None and not (
+        _is_number(value) and math.isfinite(value) and value >= 0):
+      raise ValueError(f'{where}.{key}={value!r} must be a finite number >= 0.')
+  try:
+    schedules.create_schedule(lr, total_steps=train_steps or sys.maxsize)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
 
 
 def _check_dataset(dataset: Mapping[str, Any], *, num_devices: int,
@@ -167,9 +264,15 @@ def _check_data_config(cfg: Any, where: str, *, num_devices: int, num_processes:
   if missing:
     raise ValueError(f'{where} lacks {missing}; valid keys: '
                      f'{sorted(DATASET_KEYS)}.')
-  pp_ops.get_pp_fn(cfg['process'], 'example')
-  if cfg.get('process_batch'):
-    pp_ops.get_pp_fn(cfg['process_batch'], 'batch')
+  for key in ('name', 'split', 'process', 'process_batch', 'data_dir', 'manual_dir'):
+    if cfg.get(key) is not None and not isinstance(cfg[key], str):
+      raise ValueError(f'{where}.{key}={cfg[key]!r} must be a string.')
+  for key, kind in (('process', 'example'), ('process_batch', 'batch')):
+    if cfg.get(key):
+      try:
+        pp_ops.get_pp_fn(cfg[key], kind)
+      except ValueError as e:
+        raise ValueError(f'{where}.{key}: {e}') from None
   batch_size = cfg['batch_size']
   _positive_int(batch_size, f'{where}.batch_size')
   if batch_size % num_devices or batch_size % num_processes:
@@ -177,3 +280,96 @@ def _check_data_config(cfg: Any, where: str, *, num_devices: int, num_processes:
         f'{where}.batch_size={batch_size} (the global batch) must be '
         f'divisible by the {num_devices} devices and the {num_processes} '
         f'processes; use a multiple of {num_devices}.')
+  if cfg.get('cache') not in CACHE_VALUES:
+    raise ValueError(f'{where}.cache={cfg["cache"]!r} must be one of '
+                     f'{CACHE_VALUES}.')
+  buffer = cfg.get('shuffle_buffer')
+  if buffer is not None and not (isinstance(buffer, int) and buffer >= 0):
+    raise ValueError(f'{where}.shuffle_buffer={buffer!r} must be an integer >= 0 '
+                     f'(examples), or None for the default.')
+  prefetch = cfg.get('prefetch')
+  if prefetch is not None and not (isinstance(prefetch, int) and prefetch >= -1):
+    raise ValueError(f'{where}.prefetch={prefetch!r} must be an integer >= 0 '
+                     f'(batches), or None / -1 to autotune.')
+
+
+def data_entries(config: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+  """{'dataset.train': cfg, 'dataset.test': cfg, 'fewshot.train': cfg, ...}."""
+  entries = {f'dataset.{k}': v for k, v in sorted(
+      config['dataset'].items(), key=lambda kv: kv[0] != 'train')}
+  if config.get('fewshot'):
+    entries.update({f'fewshot.{k}': config['fewshot'][k] for k in ('train', 'test')})
+  return entries
+
+
+def check_data(config: Any, *, num_processes: int = 1):
+  """Checks every dataset entry against its TFDS metadata (reads no record):
+  the dataset is prepared, the split exists and gives every process examples.
+  With train_epochs, also the learning-rate schedule against the step count."""
+  c = to_dict(config)
+  for name, cfg in data_entries(c).items():
+    where = f'config.{name}'
+    # pylint: disable=protected-access
+    try:
+      builder = pipeline._builder(ml_collections.ConfigDict(cfg))
+    except ValueError as e:
+      raise ValueError(f'{where}.name={cfg["name"]!r}: {e}') from None
+    try:
+      n = pipeline._split_info(builder, cfg['split']).num_examples
+      if name == 'dataset.train':  # Each process trains on its own shard.
+        for shard in tfds.even_splits(cfg['split'], num_processes):
+          pipeline._split_info(builder, shard)
+    except ValueError as e:
+      raise ValueError(f'{where}.split={cfg["split"]!r}: {e}') from None
+    # pylint: enable=protected-access
+    if name == 'dataset.train' and c.get('train_epochs') is not None:
+      check_learning_rate(c['optimizer']['learning_rate'],
+                          math.ceil(c['train_epochs'] * n / cfg['batch_size']))
+
+
+def check_inputs(config: Any, batches: Mapping[str, Mapping[str, Sequence[int]]],
+                 *, num_devices: int = 1):
+  """Checks what depends on the shapes of the data, before anything compiles.
+
+  Args:
+    config: the training config (check_config passed).
+    batches: the shapes of one batch of every entry of data_entries(config),
+      e.g. {'dataset.train': {'image': [B, H, W, C], 'labels': [B, K]}, ...}.
+    num_devices: the devices the global batch_size is split over.
+  """
+  c = to_dict(config)
+  eval_model = models.validate(eval_model_config(c))
+  train_image = tuple(batches['dataset.train'].get('image', ()))
+  for name, cfg in data_entries(c).items():
+    where, shapes = f'config.{name}', batches[name]
+    model = models.validate(c['model']) if name == 'dataset.train' else eval_model
+    image = tuple(shapes.get('image', ()))
+    if len(image) != 4:
+      raise ValueError(f'{where}.process must give "image" batches [B, H, W, C], '
+                       f'got {shapes}.')
+    if image[3] != train_image[3]:
+      raise ValueError(f'{where}.process gives {image[3]}-channel images, '
+                       f'config.dataset.train {train_image[3]}-channel ones (the '
+                       f'patch kernel is shaped by them); make them agree.')
+    tokens = [(s[1] // model['patch_size'][0]) * (s[2] // model['patch_size'][1])
+              for s in (image, train_image)]
+    if (model['encoder']['position_emb'].get('name', 'learned') == 'learned'
+        and tokens[0] != tokens[1]):
+      raise ValueError(f'{where}.process gives {image[1]}x{image[2]} images, '
+                       f'{tokens[0]} patches, but the learned position embedding '
+                       f'is shaped by the {tokens[1]} patches of '
+                       f'config.dataset.train; resize to {train_image[1:3]}.')
+    k = model.get('num_classes')
+    if name.startswith('dataset.') and k:
+      labels = tuple(shapes.get('labels', ()))
+      if labels[-1:] != (k,):
+        raise ValueError(f'{where}.process gives "labels" of shape {labels} but '
+                         f'config.model.num_classes={k}: one-hot them to {k} '
+                         f'classes (onehot({k}, key="label", key_result="labels")) '
+                         f'or fix model.num_classes.')
+    b = cfg['batch_size'] // num_devices
+    try:
+      models.check_input(model, b, image[1:3])
+    except ValueError as e:
+      raise ValueError(f'{where} (batch_size={cfg["batch_size"]} over '
+                       f'{num_devices} devices: {b} images per device): {e}') from None

@@ -89,18 +89,37 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, loss_fn,
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    grad_norm = optax.global_norm(grads)
+    # A step with a NaN/Inf loss or gradient norm, or whose update would make
+    # the state non-finite, is not applied: the state stays finite, so no
+    # checkpoint can hold NaNs. The step counter (hence the data and random
+    # numbers) advances anyway, so that a restart stays deterministic.
+    ok = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+          & all_finite((params, opt_state)))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                     (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics['grad_norm'] = grad_norm
+    metrics['nonfinite_steps'] = 1.0 - ok.astype(jnp.float32)
     metrics['learning_rate'] = schedule(state.step)
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
   return train_step
 
 
+def all_finite(tree) -> jax.Array:
+  """[] bool: no float leaf of `tree` holds a NaN or Inf."""
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+
+
 class MetricsWindow:
-  """Averages the train metrics of the steps since the last report.
+  """Averages the train metrics of the steps since the last report (counts
+  such as 'nonfinite_steps' are summed instead).
 
   Sums stay on the device, so that no step waits for the previous one.
   """
+  COUNTS = ('nonfinite_steps',)
 
   def __init__(self):
     self._sums, self._n = None, 0
@@ -114,7 +133,8 @@ class MetricsWindow:
     return self._n > 0
 
   def pop(self, *, last: Mapping[str, Any]) -> dict[str, float]:
-    means = {k: float(v) / self._n for k, v in jax.device_get(self._sums).items()}
+    means = {k: float(v) / (1 if k in self.COUNTS else self._n)
+             for k, v in jax.device_get(self._sums).items()}
     means['learning_rate'] = float(last['learning_rate'])  # Not an average.
     self._sums, self._n = None, 0
     return means
@@ -127,28 +147,72 @@ def write_json_atomically(path: str, obj):
   os.replace(tmp, path)
 
 
-def check_inputs(config, eval_model_config, image_shape, eval_sets):
-  """Checks the model against the real input shapes (patches tile the image,
-  groups tile each device's tokens), before anything is compiled."""
-  n = jax.device_count()
-  models.check_input(config.model, config.dataset.train.batch_size // n,
-                     image_shape[1:3])
-  for name, iterable in eval_sets.items():
-    eval_image_shape = next(iter(iterable))['image'].shape
-    models.check_input(eval_model_config, config.dataset[name].batch_size // n,
-                       eval_image_shape[1:3])
+class NonFiniteError(FloatingPointError):
+  """A train step was not finite and config.nonfinite is 'stop'."""
 
 
-def create_or_restore_state(ckpt, step: int, init_fn,
-                            state_sharding) -> TrainState:
-  """The state of checkpoint `step`, or a new one if `step` is 0."""
-  if not step:
-    return jax.jit(init_fn, out_shardings=state_sharding)()
-  logging.info('Resuming from the checkpoint of step %d.', step)
+class NonfiniteGuard:
+  """Finds the steps whose update was not applied (a NaN/Inf loss, gradient
+  norm or updated state) and acts on config.nonfinite: 'stop' raises
+  NonFiniteError, 'skip' logs them.
+
+  The first such step and their count stay on the device; `check` reads them,
+  at progress reports and before checkpoint saves only, so that training
+  never waits for the host in between.
+  """
+
+  def __init__(self, mode: str, ckpt: checkpoints.TrainCheckpointer, on_stop):
+    self._stop, self._ckpt, self._on_stop = mode == 'stop', ckpt, on_stop
+    self._first_and_count = jnp.zeros((2,), jnp.int32)
+    self._logged = 0
+    self._update = jax.jit(lambda fc, bad, step: jnp.stack([
+        jnp.where((fc[0] == 0) & (bad > 0), step, fc[0]), fc[1] + (bad > 0)]))
+
+  def add(self, step: int, metrics):
+    self._first_and_count = self._update(self._first_and_count,
+                                         metrics['nonfinite_steps'], step)
+
+  def check(self, step: int):
+    first, count = (int(x) for x in jax.device_get(self._first_and_count))
+    if not count or count == self._logged:
+      return
+    if not self._stop:
+      logging.warning('Step %d: %d step(s) of this run skipped for a NaN/Inf loss, '
+                      'gradient norm or update, the first at step %d '
+                      '(config.nonfinite="skip").', step, count, first)
+      self._logged = count
+      return
+    self._ckpt.wait()
+    good = self._ckpt.latest_step()
+    self._ckpt.close()
+    self._on_stop()
+    raise NonFiniteError(
+        f'Training stopped: step {first} gave a NaN or Inf loss, gradient norm '
+        f'or update, so its update was not applied (config.nonfinite="stop"; '
+        f'{count} such step(s) up to step {step}). '
+        + (f'The last good checkpoint is step {good}: '
+           f'{os.path.join(self._ckpt.directory, str(good))}; a restart resumes '
+           'from it (and fails again with the same config). ' if good else
+           'No checkpoint was saved before it. ')
+        + 'Lower the learning rate (config.optimizer.learning_rate), clip the '
+        'gradients (config.optimizer.gradient_clip.global_norm), or set '
+        'config.nonfinite="skip" to skip such steps.')
+
+
+def first_batch_shapes(iterable) -> dict[str, tuple[int, ...]]:
+  return {k: v.shape for k, v in next(iter(iterable)).items()}
+
+
+def restore_or_create_state(ckpt, init_fn, state_sharding) -> TrainState:
+  """The state of the latest readable checkpoint, or a new one if none."""
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       jax.eval_shape(init_fn), state_sharding)
-  return ckpt.restore(step, abstract)[0]
+  restored = ckpt.restore_latest(abstract)
+  if restored is None:
+    return jax.jit(init_fn, out_shardings=state_sharding)()
+  logging.info('Resuming from the checkpoint of step %d.', restored[0])
+  return restored[1]
 
 
 def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
@@ -167,12 +231,19 @@ def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from WORKDIR/checkpoints if any) and evaluates.
 
+  Everything is checked before anything compiles: the config, the workdir,
+  the datasets' metadata, then the shapes of the first batches.
+
   Returns the final eval metrics {split: {'prec@1', 'loss', 'num_examples'}},
-  or None if SIGTERM stopped the run (after saving a checkpoint).
+  or None if SIGTERM stopped the run (after saving a checkpoint). Raises
+  NonFiniteError if a step is not finite and config.nonfinite is 'stop'.
   """
   config_checks.check_config(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoints.TrainCheckpointer(  # Fails here if WORKDIR is not writable.
+      workdir, every_steps=config.get('save_checkpoint', {}).get('every_steps'),
+      keep_last=config.get('save_checkpoint', {}).get('keep_last', 1))
+  config_checks.check_data(config, num_processes=jax.process_count())
   mesh = mesh_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
   batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
@@ -186,9 +257,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   tx, schedule = optimizers.create_optimizer(
       **config.optimizer.to_dict(), total_steps=train_steps)
   loss_fn = losses.LOSSES[config.loss.name]
-  ckpt = checkpoints.TrainCheckpointer(
-      workdir, every_steps=config.get('save_checkpoint', {}).get('every_steps'),
-      keep_last=config.get('save_checkpoint', {}).get('keep_last', 1))
 
   # The data position is the step: a resumed run reads the batches an
   # uninterrupted run would read next.
@@ -197,14 +265,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                             start_batch=init_step)
   eval_sets = {name: pipeline.make_eval_iterable(cfg)
                for name, cfg in config.dataset.items() if name != 'train'}
+  fewshot_eval = (fewshot.FewshotEvaluator(eval_model_config, config.fewshot.to_dict())
+                  if config.get('fewshot') else None)
+  fewshot_every = (config.get('fewshot') or {}).get('every_steps')
   first = next(train_iter)
-  check_inputs(config, eval_model_config, first['image'].shape, eval_sets)
+  shapes = {'dataset.train': first_batch_shapes([first]),
+            **{f'dataset.{name}': first_batch_shapes(iterable)
+               for name, iterable in eval_sets.items()}}
+  if fewshot_eval:
+    shapes['fewshot.train'] = first_batch_shapes(fewshot_eval.train)
+    shapes['fewshot.test'] = first_batch_shapes(fewshot_eval.test)
+  config_checks.check_inputs(config, shapes, num_devices=jax.device_count())
   per_device_batch = train_cfg.batch_size // jax.device_count()
   init_fn = train_state_lib.make_init_fn(
       model, tx, image_shape=(per_device_batch,) + first['image'].shape[1:],
       seed=seed)
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn))
-  state = create_or_restore_state(ckpt, init_step, init_fn, state_sharding)
+  state = restore_or_create_state(ckpt, init_fn, state_sharding)
+  if int(state.step) != init_step:  # The latest checkpoint was unreadable.
+    init_step = int(state.step)
+    train_iter = pipeline.make_train_iterator(train_cfg, seed=seed,
+                                              start_batch=init_step)
+    first = next(train_iter)
   parameter_overview.log_parameter_overview(state.params)
 
   train_step = jax.jit(
@@ -219,9 +301,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   eval_step = evaluator.make_eval_step(
       eval_model, loss_fn, params_sharding=state_sharding.params,
       batch_sharding=batch_sharding, routing_stats=True)
-  fewshot_eval = (fewshot.FewshotEvaluator(eval_model_config, config.fewshot.to_dict())
-                  if config.get('fewshot') else None)
-  fewshot_every = (config.get('fewshot') or {}).get('every_steps')
 
   def run_fewshot(step: int) -> dict[str, float]:
     with progress.timed('fewshot'):
@@ -249,6 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                           json.loads(config.to_json_best_effort()))
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  guard = NonfiniteGuard(config.get('nonfinite', 'stop'), ckpt, writer.close)
   report = config.get('report_progress', {})
   progress = periodic_actions.ReportProgress(
       num_train_steps=train_steps, writer=writer,
@@ -263,10 +343,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                                       batch_sharding))
       timer.step_done(step - init_step, metrics)
       window.add(metrics)
+      guard.add(step, metrics)
       if progress(step):
         writer.write_scalars(step, {f'train/{k}': v for k, v in
                                     window.pop(last=metrics).items()})
+        guard.check(step)
       if ckpt.should_save(step) or step == train_steps:
+        guard.check(step)
         with progress.timed('checkpoint'), timer.excluded():
           ckpt.save(step, state)
       if eval_every and step % eval_every == 0 and step != train_steps:
@@ -276,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         with timer.excluded():
           run_fewshot(step)
       if sigterm.is_set():
+        guard.check(step)
         ckpt.save(step, state)
         ckpt.close()
         writer.close()
