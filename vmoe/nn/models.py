@@ -65,7 +65,12 @@ def validate(config: Any) -> dict:
   name = c.pop('name', 'VisionTransformerMoe')
   if name not in MODELS:
     raise ValueError(f'model.name={name!r} is unknown; valid: {sorted(MODELS)}.')
-  c['patch_size'] = tuple(_require(c, 'patch_size', 'model'))
+  patch = _require(c, 'patch_size', 'model')
+  if (not isinstance(patch, (list, tuple)) or len(patch) != 2
+      or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch)):
+    raise ValueError(f'model.patch_size={patch!r} must be two positive integers (height, '
+                     'width), e.g. (16, 16).')
+  c['patch_size'] = tuple(patch)
   _positive_int(c, 'hidden_size', 'model')
   classifier = c.get('classifier', 'token')
   if classifier not in vit.CLASSIFIERS:
@@ -78,6 +83,10 @@ def validate(config: Any) -> dict:
   if c['hidden_size'] % heads:
     raise ValueError(f'model.hidden_size={c["hidden_size"]} is not divisible by '
                      f'model.encoder.num_heads={heads}.')
+  for key in ('dropout_rate', 'attention_dropout_rate'):
+    rate = enc.get(key, 0.0)
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1):
+      raise ValueError(f'model.encoder.{key}={rate!r} must be a number in [0, 1).')
   pos = dict(enc.get('position_emb') or {'name': 'learned'})
   if pos.get('name', 'learned') not in vit.POSITION_EMBS:
     raise ValueError(f'model.encoder.position_emb.name={pos.get("name")!r} is unknown; '

@@ -102,7 +102,14 @@ def check_config(config: Mapping[str, Any]):
   if unknown:
     raise ValueError(f'Unknown keys {sorted(unknown)} in optimizer.gradient_clip;'
                      f' valid keys: {sorted(GRADIENT_CLIP_KEYS)}.')
-  _weight_decay_rules(config.get('weight_decay'))
+  for key in ('b1', 'b2', 'momentum', 'decay_rate'):
+    v = kwargs.get(key)
+    if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1):
+      raise ValueError(f'optimizer.{key}={v!r} must be a number in [0, 1).')
+  if kwargs.get('eps') is not None and not kwargs['eps'] > 0:
+    raise ValueError(f'optimizer.eps={kwargs["eps"]!r} must be > 0.')
+  if any(wd < 0 for _, wd in _weight_decay_rules(config.get('weight_decay'))):
+    raise ValueError(f'optimizer.weight_decay={config.get("weight_decay")!r} must be >= 0.')
   _frozen_patterns(config.get('frozen_pattern'))
 
 
