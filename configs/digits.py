@@ -27,7 +27,9 @@ expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec, soft, per_image,
 per_image_superclass, shared_expert, or dense for a plain ViT) or a router
 class of vmoe.nn.routers.ROUTERS; num_experts=8; k=2 (experts per token;
 routers without that option get capacity factor times k instead);
-capacity_factor=1.05; superclasses=PATH for per_image_superclass (default:
+capacity_factor=1.05; mixup=0.2 (its concentration; 0: no mixup); fewshot=True
+(False: no few-shot probes, e.g. for multi-process runs); superclasses=PATH for
+per_image_superclass (default:
 configs/digits_superclasses.json, made from the dense model with
   python -m vmoe.main --config=configs/digits.py:router=dense --workdir=/tmp/d
   python -m vmoe.tools.superclasses --config=configs/digits.py:router=dense \
@@ -44,7 +46,7 @@ from vmoe.configs import common
 NUM_CLASSES = 10
 TOKENS = (8 // 2) ** 2  # Patch 2 on 8x8 images.
 DEFAULTS = dict(router='top_k', num_experts=8, k=2, capacity_factor=1.05,
-                superclasses='')
+                mixup=0.2, fewshot=True, superclasses='')
 # Digit -> super-class (one per expert, E=8) for router=per_image_superclass,
 # derived from the test-set confusion of this file's dense model (see above).
 SUPERCLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -84,11 +86,12 @@ def get_config(arg=None):
               capacity_factor=a['capacity_factor']))))
   # Few-shot linear probes of the frozen representation, at the end of training
   # (and every N steps with --config.fewshot.every_steps=N).
-  config.fewshot = common.ConfigDict(dict(
-      every_steps=common.config_dict.placeholder(int), shots=(1, 5, 10), seed=0,
-      train=common.data_config(name='digits', split='train', process=process,
-                               batch_size=128, cache=True),
-      test=config.dataset.test))
+  if a['fewshot']:
+    config.fewshot = common.ConfigDict(dict(
+        every_steps=common.config_dict.placeholder(int), shots=(1, 5, 10), seed=0,
+        train=common.data_config(name='digits', split='train', process=process,
+                                 batch_size=128, cache=True),
+        test=config.dataset.test))
   config.loss = common.ConfigDict(dict(name='softmax_xent'))
   config.optimizer = common.ConfigDict(dict(
       name='adamw', b1=0.9, b2=0.999, weight_decay=0.05,
@@ -97,8 +100,9 @@ def get_config(arg=None):
       gradient_clip=dict(global_norm=common.config_dict.placeholder(float))))
   # 1,437 images overfit: without mixup this model stays near 91% (train
   # loss -> 0); mixup 0.2 (as in the paper's ImageNet configs) lifts it >95%.
-  config.mixup = common.ConfigDict(dict(concentration=0.2, size=2,
-                                        granularity='device'))
+  if a['mixup']:
+    config.mixup = common.ConfigDict(dict(concentration=a['mixup'], size=2,
+                                          granularity='device'))
   config.train_steps = 2_000
   config.save_checkpoint.every_steps = 500
   config.save_checkpoint.keep_last = 2

@@ -43,6 +43,9 @@ def get_config(arg=None):
       num_experts=a['num_experts'], num_selected_experts=a['k'],
       moe_layers=common.every_n(2, common.VARIANTS['15B']['num_layers']),
       representation_size=False, head_bias_init=-10.0)
+  # 8 images per device keep ~15 GiB of activations for the backward pass (vmoe.plan);
+  # recomputing each block from its input keeps ~1 GiB, for about one more forward pass.
+  config.model.encoder.remat = 'full'
   config.loss = common.ConfigDict(dict(name='sigmoid_xent'))
   config.optimizer = common.ConfigDict(dict(
       name='big_vision_adafactor', momentum_dtype='bfloat16',

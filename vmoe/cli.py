@@ -1,5 +1,6 @@
 """What the command-line entry points share (vmoe.main, vmoe.evaluate, vmoe.tools.*)."""
 import logging as std_logging
+import os
 
 from absl import app
 from absl import flags
@@ -30,6 +31,61 @@ class _QuietOrbax(std_logging.Filter):
 
 def quiet_orbax():
   logging.get_absl_handler().addFilter(_QuietOrbax())
+
+
+DISTRIBUTED_MODES = ('auto', 'on', 'off')
+
+
+def cluster_env() -> str | None:
+  """'slurm' or 'tpu' when the environment says that this is one of several processes
+  that JAX can find each other from (a SLURM step of >1 tasks, a multi-host TPU)."""
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_STEP_NODELIST' in os.environ:
+    return 'slurm'
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if len(hosts.split(',')) > 1 or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    return 'tpu'
+  return None
+
+
+def initialize_distributed(mode: str = 'auto', *, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           heartbeat_timeout: int = 30) -> bool:
+  """Joins a multi-process run (jax.distributed) before JAX touches any device.
+
+  mode 'auto': with coordinator_address (then num_processes and process_id too), or
+  when cluster_env() finds SLURM or a TPU pod (jax.distributed.initialize() then reads
+  everything from the environment); else a single process. 'on': always (JAX fills in
+  what is not given, e.g. from the TPU VM metadata); 'off': never. A process that stops
+  sending heartbeats for `heartbeat_timeout` seconds (killed, host lost) makes the others
+  exit with an error instead of waiting forever in a collective. Returns whether it
+  initialised.
+  """
+  explicit = {'coordinator_address': coordinator_address,
+              'num_processes': num_processes, 'process_id': process_id}
+  given = [k for k, v in explicit.items() if v is not None]
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f'--distributed={mode!r} is unknown; valid: {DISTRIBUTED_MODES}.')
+  if mode == 'off' and given:
+    raise ValueError(f'--distributed=off contradicts --{given[0]}; drop one of them.')
+  if given and (coordinator_address is None or len(given) < 3) and not cluster_env():
+    raise ValueError(
+        f'--{", --".join(given)} given without the rest: a multi-process run needs '
+        '--coordinator_address=HOST:PORT (process 0\'s), --num_processes=N and '
+        '--process_id=I (0..N-1) on every process, or a SLURM / TPU pod environment.')
+  if (num_processes is not None and process_id is not None
+      and not 0 <= process_id < num_processes):
+    raise ValueError(f'--process_id={process_id} must be in [0, --num_processes='
+                     f'{num_processes}).')
+  if heartbeat_timeout < 1:
+    raise ValueError(f'--heartbeat_timeout={heartbeat_timeout} must be >= 1 (seconds).')
+  if mode == 'off' or (mode == 'auto' and not given and not cluster_env()):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=heartbeat_timeout)
+  logging.info('Process %d of %d (jax.distributed).', jax.process_index(),
+               jax.process_count())
+  return True
 
 
 def run(main, required=('config', 'workdir')):

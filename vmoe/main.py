@@ -4,6 +4,12 @@ r"""Trains and evaluates a model described by a config file.
   python -m vmoe.main --config=configs/digits.py:router=NoisyTopItemsPerExpertRouter \
       --workdir=/tmp/digits_ec --config.train_steps=500
 
+Multi-process (multi-host) runs: every process runs the same command with
+--coordinator_address=HOST:PORT (process 0's host, any free port),
+--num_processes=N and --process_id=I; on SLURM (srun) and TPU pods these are
+found in the environment (scripts/slurm_gpu.sh, scripts/tpu_pod.sh). Each
+process reads its own shard of the data; checkpoints are written together.
+
 Running again with the same --workdir resumes from its latest checkpoint.
 TensorBoard: `tensorboard --logdir WORKDIR`. The final eval metrics are printed
 and written to WORKDIR/final_metrics.json.
@@ -23,10 +29,28 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard events and the '
     'final metrics. Resumes from its latest checkpoint, if any.')
 
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', cli.DISTRIBUTED_MODES,
+    'Multi-process run (jax.distributed): auto (with --coordinator_address, or '
+    'on SLURM / a TPU pod), on (always; JAX finds the rest), off.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes of a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process of a multi-process run: 0..N-1.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout', 30, 'Seconds after which a silent process counts as dead '
+    'and the others of a multi-process run exit with an error.')
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.initialize_distributed(
+      _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      heartbeat_timeout=_HEARTBEAT.value)
   cli.quiet_orbax()
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(),
                jax.process_index(), jax.process_count())

@@ -8,11 +8,17 @@ model plans in seconds on a laptop. Per device: params, optimizer state and grad
 sharded by vmoe.parallel.rules (experts over 'expert'; with --fsdp the other params over
 'data' too), and an estimate of the activations a train step keeps for the backward pass.
 
-Activation estimate (float32, no rematerialisation), per token of the per-device batch
-B/devices and per block: 10 D (layer norms, q/k/v, attention output, residuals) + heads T
-(attention probabilities) + 2 H for a dense MLP, or K cf (2 H + 2 D) for a MoE MLP (its
-buffers, at the train capacity factor cf). An estimate: XLA fuses and frees some of these
-and keeps other temporaries; it is the right order of magnitude, not a bound.
+Activation estimate (float32), per token of the per-device batch B/devices and per block:
+10 D (layer norms, q/k/v, attention output, residuals) + heads T (attention probabilities)
++ 2 H for a dense MLP, or K cf (2 H + 2 D) for a MoE MLP (its buffers, at the train
+capacity factor cf). With model.encoder.remat a block keeps only what its policy saves
+and recomputes the rest one block at a time, so the largest block's full estimate is added
+once: 'full' keeps D (the block's input); 'dots_no_batch' keeps the input and the
+projections without batch dimensions, 6 D + H for a dense block (q, k, v, attention and
+MLP outputs) and 5 D + E for a MoE one (router logits; the experts' matmuls batch over
+E); 'dots' saves nearly everything counted, so it is counted as no remat. An estimate:
+XLA fuses and frees some of these and keeps other temporaries; it is the right order of
+magnitude, not a bound.
 """
 import json
 import math
@@ -43,10 +49,17 @@ def activation_bytes(model_config: Mapping[str, Any], batch_per_device: float,
   k = router.get('num_selected_experts', 1)
   cf = (router.get('dispatcher') or {}).get('capacity_factor') or router.get(
       'capacity_factor') or 1.0
-  per_token = 0.0
-  for i in range(enc['num_layers']):
-    per_token += 10 * d + enc['num_heads'] * t
-    per_token += k * cf * (2 * h + 2 * d) if i in set(moe.get('layers') or ()) else 2 * h
+  moe_layers = set(moe.get('layers') or ())
+  full = [10 * d + enc['num_heads'] * t + (k * cf * (2 * h + 2 * d) if i in moe_layers
+                                           else 2 * h) for i in range(enc['num_layers'])]
+  remat = enc.get('remat', 'none')
+  if remat in ('none', 'dots'):
+    per_token = sum(full)
+  else:
+    kept = [d if remat == 'full' else
+            (5 * d + moe['num_experts'] if i in moe_layers else 6 * d + h)
+            for i in range(enc['num_layers'])]
+    per_token = sum(kept) + max(full)
   return 4.0 * batch_per_device * t * per_token
 
 

@@ -224,15 +224,6 @@ def test_stack_unstack_and_reshape(tmp_path):
   assert report.loaded['enc/w'] == 'enc_0/w, enc_1/w, enc_2/w | stack(3)'
 
 
-def test_freeze_report_and_mask():
-  params = {'Encoder': {'encoderblock_0': {'Mlp': {'w': np.zeros(2)}}},
-            'head': {'kernel': np.zeros(2), 'bias': np.zeros(1)}}
-  mask = ini.frozen_mask(params, '^Encoder/')
-  assert mask == {'Encoder': {'encoderblock_0': {'Mlp': {'w': True}}},
-                  'head': {'kernel': False, 'bias': False}}
-  assert ini.frozen_mask(params, None)['Encoder']['encoderblock_0']['Mlp']['w'] is False
-
-
 def test_freeze_listed_in_report(tmp_path):
   path = _npz(tmp_path / 'x.npz', {'Encoder/w': np.zeros(2, np.float32)})
   target = {'Encoder': {'w': _sds((2,))}, 'head': {'kernel': _sds((2,))}}
@@ -302,11 +293,13 @@ def test_error_shape_mismatch_suggests_the_rule(vit):
     ({'rules': [('stack', 'encoderblock_', 'x')]}, r'needs a group \(\?P<i>'),
     ({'rules': [('reshape', 'cls$', (3, 3))]}, r'cls of shape \(1, 1, 16\) cannot become'),
     ({'allow_missing': '['}, r'initialization.allow_missing=.* must be a bool or a regex'),
-    ({'strict': True}, r"Unknown key\(s\) \['strict'\] in initialization"),
+    ({'strict': True}, r"Unknown key\(s\) \['strict'\] in config.initialization"),
     ({'source': 'pickle'}, r"source='pickle' is unknown; valid: \['legacy', 'npz', 'orbax'\]"),
-    ({'path': '/nonexistent.npz'}, r"No .npz file at initialization.path='/nonexistent.npz'"),
+    ({'path': '/nonexistent.npz'}, r"No .npz file at config.initialization.path='/nonexistent.npz'"),
+    ({'path': None}, r'config.initialization.path is required'),
     ({'source': 'legacy', 'path': '/nonexistent'}, r'missing index file /nonexistent.index'),
-    ({'source': 'orbax', 'path': '/nonexistent'}, r"'/nonexistent' is not a directory"),
+    ({'source': 'orbax', 'path': '/nonexistent'}, r"No orbax checkpoint at '/nonexistent': "
+                                                   r"expected .*WORKDIR/checkpoints/<step>"),
 ])
 def test_config_errors(vit, cfg, message):
   with pytest.raises(ValueError, match=message):

@@ -44,7 +44,8 @@ FLAGS = [f'--config={CONFIG_ARG}'] + [
 
 
 def run(module, *args, env, devices=1):
-  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                            '--xla_cpu_use_fusion_emitters=false')
   proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

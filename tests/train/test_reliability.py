@@ -47,6 +47,7 @@ def test_killed_at_several_points_resumes_bit_equal(runs, reference, tmp_path):
   _, err = runs.finish(proc)
   stopped_at = int(re.search(r'Stopped by SIGTERM at step (\d+)', err).group(1))
   assert max(runs.steps(workdir)) == stopped_at < runs.train_steps
+  assert not os.path.exists(os.path.join(workdir, 'final_metrics.json'))
   # SIGKILL while a later checkpoint is written: the previous one is used.
   proc = runs.start(workdir)
   killed_at = runs.kill_during_checkpoint_write(proc, workdir, min_step=stopped_at + 1)

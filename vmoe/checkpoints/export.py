@@ -1,9 +1,10 @@
 """Write a params tree for other code: the released legacy format, safetensors or npz.
 
 Names are the reference's ('/'-joined paths such as 'Encoder/encoderblock_1/Moe/Mlp/
-Dense_0/kernel'), so google-research/vmoe and its notebooks read a 'legacy' export as a
-released checkpoint; 'safetensors' and 'npz' serve other frameworks. Every format is
-written under a temporary name and renamed when complete; nothing uses pickle.
+Dense_0/kernel'; a scanned model's stacked blocks are unstacked to them), so
+google-research/vmoe and its notebooks read a 'legacy' export as a released checkpoint;
+'safetensors' and 'npz' serve other frameworks. Every format is written under a temporary
+name and renamed when complete; nothing uses pickle.
 """
 import glob
 import os
@@ -15,12 +16,15 @@ import numpy as np
 import safetensors.numpy
 
 from vmoe.checkpoints import legacy
+from vmoe.nn import scan
 
 FORMATS = ('legacy', 'safetensors', 'npz')
 
 
 def _flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  flat = {n: np.asarray(x) for n, x in traverse_util.flatten_dict(params, sep='/').items()}
+  # A scanned model's stacked blocks are written per block, under the reference's names.
+  flat = scan.unscan({n: np.asarray(x) for n, x in
+                      traverse_util.flatten_dict(params, sep='/').items()})
   if not flat:
     raise ValueError('export: the params tree is empty; nothing to write.')
   for n, x in flat.items():

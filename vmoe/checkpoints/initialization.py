@@ -1,8 +1,11 @@
 """Start a run from another checkpoint: config.initialization, through ordered rules.
 
-Contract (the trainer calls this once, before compiling the train step):
+Contract (the trainer calls `plan` among its checks, before anything compiles, then
+`initialize` once the fresh state exists; a run resuming from its own checkpoint calls
+neither):
 
-  params, report = initialize(target, init_params, cfg)
+  plan(target, cfg) -> Plan         # names and shapes only: no array is read
+  initialize(target, init_params, cfg) -> (params, report)
 
   target: the model's params tree, leaves jax.ShapeDtypeStruct (optionally with a sharding)
     or arrays, e.g. `jax.eval_shape(lambda: model.init(...))['params']`.
@@ -12,34 +15,46 @@ Contract (the trainer calls this once, before compiling the train step):
     source: 'legacy' (released V-MoE prefix: PREFIX.index + PREFIX.data-*), 'npz' (ViT
       .npz of vision_transformer / big_vision, keys '/'-joined like 'Transformer/...') or
       'orbax' (a vmoe WORKDIR/checkpoints/STEP directory, or a WORKDIR for its latest).
-    path: where it is.
-    rules: ordered list of tuples (kind, regex, *args), see RULES; each is applied to the
+    path: where it is (a local path).
+    rules: ordered list of tuples (kind, regex, *args), see vmoe.checkpoints.rules; each is applied to the
       names ('/'-joined paths) the previous rules produced, regexes use `re.search`.
     allow_unused, allow_missing, allow_mismatched: False/None (default), True, or a regex
       of names: checkpoint tensors that may match no target param (dropped); target params
       the checkpoint may lack (fresh init); checkpoint tensors whose shape may differ from
       the target's (dropped, fresh init).
-    freeze: optional regex of target params the trainer must not update (report.frozen;
-      `frozen_mask` turns it into a tree of bools for optax).
+    freeze: optional regex (or list of regexes) of target params the optimizer never
+      updates: the trainer adds it to config.optimizer.frozen_pattern (the one mechanism
+      that freezes params), for the whole run, resumed or not.
   Returns params (same tree: loaded leaves are numpy arrays in the target's dtype, or
-  jax.Arrays placed on the target leaf's sharding when it has one; the other leaves are
-  init_params' own) and a Report (`format_report` for the log; it is logged at INFO).
+  jax.Arrays on the target leaf's sharding when it has one; the other leaves are
+  init_params' own) and a Report (`format_report`; logged at INFO): which target params
+  came from the checkpoint (and through which rules), which kept their fresh init and why,
+  which checkpoint tensors went unused, which params are frozen.
   Raises one ValueError listing every problem (unused tensor, missing param, shape
   mismatch with the rule that would fix it), and one for a bad cfg value (unknown key,
-  source or rule kind, bad regex, wrong rule arguments, a rule matching nothing), before
-  any array is read (orbax reads its params whole at the start).
-  Call it for a new run only: a run resuming from its own checkpoint must not.
+  source or rule kind, bad regex, wrong rule arguments, a rule matching nothing).
 
-Only the checkpoint arrays that end up in the model are read (legacy: `wanted`; npz: per
-key). Sparse upcycling of a dense ViT into a V-MoE with experts in blocks 1 and 3:
+What is read: only the checkpoint arrays that end up in the model. A tensor that reaches
+its param unchanged (renames only) on a sharded target is read for the bounding box of
+the shards this process's devices hold: from a legacy checkpoint, only the data files
+holding chunks of that box are opened (e.g. a process holding experts 0-3 of 32 reads
+only their slices); npz and orbax sources read whole arrays and slice them. A tensor a
+rule transforms (expand_tile, reshape, stack, unstack, resize_posemb) is read whole.
+
+Scanned models (model.encoder.scan, vmoe/nn/scan.py) and checkpoints of them convert
+automatically: rules, allow_* regexes and the report's 'init'/'unused' lines speak the
+reference's unscanned names (Encoder/encoderblock_{i}/...), whatever the layout of either
+side; a scanned target's params are stacked from them at the end ('stack(r)' in the
+report; a layer the checkpoint lacks keeps its fresh init). `freeze` matches the model's
+own (possibly scanned) names.
+
+Sparse upcycling of a dense ViT into a V-MoE with experts in blocks 1 and 3:
   rules=[('rename', r'^(Encoder/encoderblock_[13])/Mlp/', r'\\1/Moe/Mlp/'),
          ('expand_tile', r'/Moe/Mlp/', E)], allow_missing='/Moe/Router/'.
 """
 import dataclasses
 import difflib
-import inspect
 import math
-import os
 import re
 import zipfile
 from typing import Any, Callable, Mapping, NamedTuple
@@ -49,37 +64,14 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vmoe import inference
 from vmoe.checkpoints import legacy
+from vmoe.checkpoints import rules as rules_lib
+from vmoe.checkpoints import training
+from vmoe.nn import scan as scan_lib
+from vmoe.train import optimizers
 
 CONFIG_KEYS = ('source', 'path', 'rules', 'allow_unused', 'allow_missing',
                'allow_mismatched', 'freeze')
-
-
-class Tensor(NamedTuple):
-  """A checkpoint tensor as the rules see it, read only at the end.
-
-  make(arrays) builds it from {checkpoint name: np.ndarray} of its `sources`; `how`
-  lists the rules that changed it.
-  """
-  shape: tuple[int, ...]
-  dtype: np.dtype
-  sources: tuple[str, ...]
-  make: Callable[[Mapping[str, np.ndarray]], np.ndarray]
-  how: tuple[str, ...] = ()
-
-  def then(self, shape, fn, step: str) -> 'Tensor':
-    return self._replace(shape=tuple(shape), make=lambda a, m=self.make: fn(m(a)),
-                         how=self.how + (step,))
-
-
-@dataclasses.dataclass
-class Context:
-  """What the rules may look at (target shapes, fresh init) and what they record."""
-  target: Mapping[str, Any]
-  init: Mapping[str, Any]
-  dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> why.
-  reinit: list[str] = dataclasses.field(default_factory=list)  # regexes.
 
 
 @dataclasses.dataclass
@@ -91,197 +83,54 @@ class Report:
   frozen: list[str]
 
 
-# ----------------------------------------------------------------------------- rules
-def _matching(tensors, pattern):
-  return [n for n in tensors if re.search(pattern, n)]
-
-
-def _rename(tensors, ctx, pattern: str, replacement: str):
-  out = {}
-  for n, t in tensors.items():
-    new = re.sub(pattern, replacement, n) if re.search(pattern, n) else n
-    if new in out:
-      raise ValueError(f'rename {pattern!r} -> {replacement!r}: two checkpoint tensors '
-                       f'({", ".join(out[new].sources + t.sources)}) become {new!r}.')
-    renamed = new != n and t.how[-1:] != ('rename',)  # Successive renames count once.
-    out[new] = t._replace(how=t.how + ('rename',)) if renamed else t
-  return out
-
-
-def _drop(tensors, ctx, pattern: str):
-  for n in _matching(tensors, pattern):
-    ctx.dropped.update(dict.fromkeys(tensors.pop(n).sources, f'drop {pattern!r}'))
-  return tensors
-
-
-def _reinit(tensors, ctx, pattern: str):
-  ctx.reinit.append(pattern)
-  for n in _matching(tensors, pattern):
-    ctx.dropped.update(dict.fromkeys(tensors.pop(n).sources, f'reinit {pattern!r}'))
-  return tensors
-
-
-def _reshape(tensors, ctx, pattern: str, shape):
-  shape = tuple(int(d) for d in shape)
-  for n in _matching(tensors, pattern):
-    t = tensors[n]
-    new = np.empty(t.shape, bool).reshape(-1)  # Only to resolve -1 the way numpy does.
-    try:
-      new = new.reshape(shape).shape
-    except ValueError:
-      raise ValueError(f'reshape {pattern!r}: {n} of shape {t.shape} cannot become '
-                       f'{shape}.') from None
-    tensors[n] = t.then(new, lambda x, s=new: x.reshape(s), f'reshape{new}')
-  return tensors
-
-
-def _expand_tile(tensors, ctx, pattern: str, num_experts: int):
-  """x: [...] -> [E, ...], E copies (sparse upcycling of a dense MLP into experts)."""
-  e = int(num_experts)
-  if e < 1:
-    raise ValueError(f'expand_tile {pattern!r}: num_experts={num_experts} must be >= 1.')
-  for n in _matching(tensors, pattern):
-    t = tensors[n]
-    tensors[n] = t.then((e,) + t.shape, lambda x: np.broadcast_to(x[None], (e,) + x.shape),
-                        f'expand_tile({e})')
-  return tensors
-
-
-def _unstack(tensors, ctx, pattern: str, replacement: str, axis: int = 0):
-  """[.., L, ..] under a scanned name -> L tensors; '{i}' in replacement is the index."""
-  out = {n: t for n, t in tensors.items() if not re.search(pattern, n)}
-  for n in _matching(tensors, pattern):
-    t = tensors[n]
-    if not -len(t.shape) <= axis < len(t.shape):
-      raise ValueError(f'unstack {pattern!r}: {n} of shape {t.shape} has no axis {axis}.')
-    shape = t.shape[:axis % len(t.shape)] + t.shape[axis % len(t.shape) + 1:]
-    for i in range(t.shape[axis]):
-      new = re.sub(pattern, replacement.replace('{i}', str(i)), n)
-      if new in out or new == n:
-        raise ValueError(f'unstack {pattern!r} -> {replacement!r}: {n} slice {i} becomes '
-                         f'{new!r}, a name already taken; put "{{i}}" in the replacement.')
-      out[new] = t.then(shape, lambda x, i=i: np.take(x, i, axis), f'unstack[{i}]')
-  return out
-
-
-def _stack(tensors, ctx, pattern: str, replacement: str, axis: int = 0):
-  """Tensors whose names differ by the group (?P<i>\\d+) -> one, stacked on a new axis."""
-  if 'i' not in re.compile(pattern).groupindex:
-    raise ValueError(f'stack {pattern!r}: the regex needs a group (?P<i>\\d+) that '
-                     'captures the layer index.')
-  groups, out = {}, {}
-  for n, t in tensors.items():
-    m = re.search(pattern, n)
-    if m:
-      groups.setdefault(re.sub(pattern, replacement, n), {})[int(m['i'])] = (n, t)
-    else:
-      out[n] = t
-  for new, parts in groups.items():
-    names = [parts[i][0] for i in sorted(parts)]
-    if sorted(parts) != list(range(len(parts))):
-      raise ValueError(f'stack {pattern!r}: {new} would be stacked from indices '
-                       f'{sorted(parts)} ({names}); they must be 0..L-1 with none missing.')
-    ts = [parts[i][1] for i in range(len(parts))]
-    if len({(t.shape, t.dtype) for t in ts}) > 1 or new in out:
-      raise ValueError(f'stack {pattern!r}: cannot stack {names} into {new!r} (different '
-                       'shapes/dtypes, or the name is taken).')
-    makes = [t.make for t in ts]
-    shape = list(ts[0].shape)
-    shape.insert(axis % (len(shape) + 1), len(ts))
-    out[new] = Tensor(tuple(shape), ts[0].dtype, sum((t.sources for t in ts), ()),
-                      lambda a, makes=makes: np.stack([m(a) for m in makes], axis),
-                      ts[0].how + (f'stack({len(ts)})',))
-  return out
-
-
-def resize_grid(grid: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """[h, w, D] -> [h', w', D], bilinear with corners aligned (scipy zoom order=1)."""
-  for axis, n_new in enumerate(hw):
-    n = grid.shape[axis]
-    pos = np.linspace(0, n - 1, n_new) if n_new > 1 else np.full(1, (n - 1) / 2)
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, n - 1)
-    w = (pos - lo).reshape([-1 if a == axis else 1 for a in range(grid.ndim)])
-    grid = np.take(grid, lo, axis) * (1 - w) + np.take(grid, hi, axis) * w
-  return grid
-
-
-def _grid(tokens: int, given, what: str) -> tuple[tuple[int, int], int]:
-  """(grid (h, w), prefix tokens 0 or 1) of a position embedding with `tokens` rows."""
-  if given is None:
-    side = math.isqrt(tokens)
-    given = (side, side) if side * side == tokens else (math.isqrt(tokens - 1),) * 2
-  h, w = map(int, given)
-  if tokens - h * w not in (0, 1):
-    raise ValueError(f'resize_posemb: {what} has {tokens} tokens, which is not an {h}x{w} '
-                     'grid (+ 1 class token); give the grids: (\'resize_posemb\', regex, '
-                     '(h, w), (h_new, w_new)).')
-  return (h, w), tokens - h * w
-
-
-def _resize_posemb(tensors, ctx, pattern: str, grid=None, new_grid=None):
-  """[1, c + h*w, D] -> the target's [1, c' + h'*w', D]; the class token row is kept
-  (c=c'=1), dropped (c'=0) or freshly initialised (c=0, c'=1)."""
-  for n in _matching(tensors, pattern):
-    t = tensors[n]
-    if n not in ctx.target:
-      raise ValueError(f'resize_posemb {pattern!r}: {n} is not a param of the model, so '
-                       'its new shape is unknown; put this rule after the renames.')
-    new = tuple(ctx.target[n].shape)
-    if len(t.shape) != 3 or len(new) != 3 or t.shape[::2] != new[::2]:
-      raise ValueError(f'resize_posemb {pattern!r}: {n} {t.shape} -> {new} is not '
-                       '[1, tokens, D] -> [1, tokens\', D].')
-    (h, w), c = _grid(t.shape[1], grid, f'checkpoint {n} {t.shape}')
-    (h2, w2), c2 = _grid(new[1], new_grid, f'model {n} {new}')
-    head = np.asarray(ctx.init[n])[:, :c2] if c2 > c else None
-
-    def fn(x, c=c, c2=c2, head=head, hw=(h, w), hw2=(h2, w2)):
-      g = resize_grid(x[0, c:].reshape(*hw, -1).astype(np.float64), hw2)
-      token = head if head is not None else x[:, :c2]
-      return np.concatenate([token, g.reshape(1, -1, x.shape[-1]).astype(x.dtype)], 1)
-
-    tensors[n] = t.then(new, fn, f'resize_posemb({h}x{w}->{h2}x{w2})')
-  return tensors
-
-
-RULES = {'rename': _rename, 'drop': _drop, 'reinit': _reinit, 'reshape': _reshape,
-         'expand_tile': _expand_tile, 'stack': _stack, 'unstack': _unstack,
-         'resize_posemb': _resize_posemb}
-
-
-def _check_rules(rules) -> list[tuple]:
-  out = []
-  for i, rule in enumerate(rules or ()):
-    if not isinstance(rule, (list, tuple)) or not rule or rule[0] not in RULES:
-      raise ValueError(f'initialization.rules[{i}]={rule!r}: expected (kind, regex, ...) '
-                       f'with kind in {sorted(RULES)}.')
-    kind, *args = rule
-    params = list(inspect.signature(RULES[kind]).parameters)[2:]
-    try:
-      inspect.signature(RULES[kind]).bind(None, None, *args)
-      re.compile(args[0])
-    except TypeError:
-      raise ValueError(f'initialization.rules[{i}]={rule!r}: {kind!r} takes '
-                       f'({", ".join(params)}).') from None
-    except re.error as e:
-      raise ValueError(f'initialization.rules[{i}]: invalid regex {args[0]!r}: {e}.') from None
-    out.append(tuple(rule))
-  return out
-
-
 def _allowed(value, key: str) -> Callable[[str], bool]:
   if value in (None, False, True):
     return lambda _: bool(value)
   try:
     pattern = re.compile(value)
   except (re.error, TypeError) as e:
-    raise ValueError(f'initialization.{key}={value!r} must be a bool or a regex: {e}.') from None
+    raise ValueError(f'config.initialization.{key}={value!r} must be a bool or a regex: '
+                     f'{e}.') from None
   return lambda n: bool(pattern.search(n))
 
 
+def check_config(cfg: Mapping[str, Any]) -> dict:
+  """config.initialization on its own: keys, source, path given, rule syntax, regexes.
+  The checkpoint is not looked at: a resumed run must not need it. Returns a dict."""
+  cfg = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
+  unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+  if unknown:
+    raise ValueError(f'Unknown key(s) {unknown} in config.initialization; valid: '
+                     f'{CONFIG_KEYS}.')
+  source, path = cfg.get('source'), cfg.get('path')
+  if source not in SOURCES:
+    raise ValueError(f'config.initialization.source={source!r} is unknown; valid: '
+                     f'{sorted(SOURCES)}.')
+  if not path or not isinstance(path, str):
+    raise ValueError('config.initialization.path is required (the checkpoint to start '
+                     'from), e.g. --config.initialization.path=/path/to/checkpoint.')
+  rules_lib.check_rules(cfg.get('rules'))
+  for key in ('allow_unused', 'allow_missing', 'allow_mismatched'):
+    _allowed(cfg.get(key), key)
+  optimizers.frozen_patterns(cfg.get('freeze'), what='config.initialization.freeze')
+  return cfg
+
+
+def optimizer_config(config: Mapping[str, Any]) -> dict:
+  """config.optimizer, with config.initialization.freeze added to its frozen_pattern."""
+  opt = dict(config['optimizer'])
+  freeze = (config.get('initialization') or {}).get('freeze')
+  if freeze:
+    opt['frozen_pattern'] = (optimizers.frozen_patterns(opt.get('frozen_pattern'))
+                             + optimizers.frozen_patterns(freeze))
+  return opt
+
+
 # ----------------------------------------------------------------------------- sources
+# open(path) -> (specs {name: (shape, dtype)} from headers or an index, read), where
+# read({name: region}) -> {name: np.ndarray of that region}; region: a tuple of slices,
+# or None for the whole array.
 def _open_npz(path: str):
-  """Names, shapes and dtypes from the .npy headers only; arrays are read on demand."""
   specs = {}
   try:
     with zipfile.ZipFile(path) as z:
@@ -296,13 +145,13 @@ def _open_npz(path: str):
                            'would need pickle; only numeric arrays can be loaded.')
         specs[info.filename.removesuffix('.npy')] = (shape, dtype)
   except (FileNotFoundError, IsADirectoryError):
-    raise ValueError(f'No .npz file at initialization.path={path!r}.') from None
+    raise ValueError(f'No .npz file at config.initialization.path={path!r}.') from None
   except zipfile.BadZipFile:
     raise ValueError(f'{path} is not a valid .npz file (truncated or corrupt).') from None
 
-  def read(names):
+  def read(wanted):
     with np.load(path, allow_pickle=False) as z:
-      return {n: z[n] for n in names}
+      return {n: z[n][r or ()] for n, r in wanted.items()}
 
   return specs, read
 
@@ -311,26 +160,37 @@ def _open_legacy(prefix: str):
   flat = traverse_util.flatten_dict(legacy.read_tree_structure(prefix), sep='/')
   specs = {n: (x.shape, x.dtype) for n, x in flat.items()}
 
-  def read(names):
-    wanted = traverse_util.unflatten_dict(dict.fromkeys(names), sep='/')
-    return traverse_util.flatten_dict(legacy.restore(prefix, wanted=wanted), sep='/')
+  def read(wanted):
+    tree = traverse_util.unflatten_dict(wanted, sep='/')
+    return traverse_util.flatten_dict(legacy.restore(prefix, wanted=tree), sep='/')
 
   return specs, read
 
 
 def _open_orbax(path: str):
-  if not os.path.isdir(path):
-    raise ValueError(f'initialization.path={path!r} is not a directory; source "orbax" '
-                     'needs WORKDIR/checkpoints/STEP or a WORKDIR.')
-  flat = {n: np.asarray(x) for n, x in
-          traverse_util.flatten_dict(inference.load_params(path), sep='/').items()}
-  return {n: (x.shape, x.dtype) for n, x in flat.items()}, lambda names: flat
+  directory = training.step_dir(path)
+  specs = {n: (x.shape, x.dtype) for n, x in training.params_metadata(directory).items()}
+
+  def read(wanted):
+    flat = traverse_util.flatten_dict(
+        training.load_step_params(directory, sorted(wanted)), sep='/')
+    return {n: np.asarray(flat[n])[r or ()] for n, r in wanted.items()}
+
+  return specs, read
 
 
 SOURCES = {'legacy': _open_legacy, 'npz': _open_npz, 'orbax': _open_orbax}
 
 
 # ----------------------------------------------------------------------------- main
+class Plan(NamedTuple):
+  """What `initialize` will do: `used` {target param: Tensor}; `read` reads sources."""
+  used: dict[str, rules_lib.Tensor]
+  report: Report
+  read: Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
+  ctx: rules_lib.Context
+
+
 def _suggest(name: str, src: tuple, tgt: tuple) -> str:
   regex = '^' + re.escape(name) + '$'
   if name.endswith('pos_embedding'):
@@ -342,42 +202,30 @@ def _suggest(name: str, src: tuple, tgt: tuple) -> str:
   return f"('reinit', {regex!r}) to keep the fresh init (e.g. '^head/' for new classes)"
 
 
-def _plan(cfg: Mapping[str, Any], target: Mapping[str, Any], init: Mapping[str, Any]):
-  """Checks cfg, applies the rules to the checkpoint's names and shapes: (tensors, ctx)."""
-  unknown = sorted(set(cfg) - set(CONFIG_KEYS))
-  if unknown:
-    raise ValueError(f'Unknown key(s) {unknown} in initialization; valid: {CONFIG_KEYS}.')
-  if cfg.get('source') not in SOURCES:
-    raise ValueError(f'initialization.source={cfg.get("source")!r} is unknown; valid: '
-                     f'{sorted(SOURCES)}.')
-  if not cfg.get('path'):
-    raise ValueError('initialization.path is required (the checkpoint to start from).')
-  rules = _check_rules(cfg.get('rules'))
-  for key in ('allow_unused', 'allow_missing', 'allow_mismatched', 'freeze'):
-    _allowed(cfg.get(key), key)
+def plan(target: Any, cfg: Mapping[str, Any]) -> Plan:
+  """Checks cfg and applies its rules to the checkpoint's names and shapes (its index or
+  headers; no array is read); raises one ValueError listing every problem."""
+  cfg = check_config(cfg)
+  target_flat = traverse_util.flatten_dict(target, sep='/')
+  # Rules see the reference's names: a scanned model's or checkpoint's blocks are unscanned
+  # first (and the model's stacked back at the end).
+  segments = scan_lib.segments_of(target_flat)
+  want = scan_lib.unscan(target_flat, lambda x, k: jax.ShapeDtypeStruct(
+      tuple(x.shape)[1:], x.dtype))
   specs, read = SOURCES[cfg['source']](cfg['path'])
-  tensors = {n: Tensor(tuple(s), np.dtype(d), (n,), lambda a, n=n: a[n])
-             for n, (s, d) in specs.items()}
-  ctx = Context(target, init)
+  tensors = scan_lib.unscan({
+      n: rules_lib.Tensor(tuple(s), np.dtype(d), (n,), lambda a, n=n: a[n])
+      for n, (s, d) in specs.items()}, rules_lib.take)
+  ctx = rules_lib.Context(want)
+  rules = rules_lib.check_rules(cfg.get('rules'))
   for i, (kind, *args) in enumerate(rules):
     # A rule that matches nothing is almost always a typo (reinit may target fresh
     # params only, e.g. a head the checkpoint lacks).
-    if kind != 'reinit' and not _matching(tensors, args[0]):
-      raise ValueError(f'initialization.rules[{i}]={rules[i]!r} matches no checkpoint '
-                       f'tensor (names there: {sorted(tensors)[:8]}...); fix or remove it.')
-    tensors = RULES[kind](dict(tensors), ctx, *args)
-  return tensors, ctx, read
-
-
-def initialize(target: Any, init_params: Any, cfg: Mapping[str, Any]) -> tuple[Any, Report]:
-  """See the module docstring."""
-  cfg = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
-  want = traverse_util.flatten_dict(target, sep='/')
-  init = traverse_util.flatten_dict(init_params, sep='/')
-  if {n: tuple(x.shape) for n, x in want.items()} != {
-      n: tuple(np.shape(x)) for n, x in init.items()}:
-    raise ValueError('initialize: init_params must have the names and shapes of target.')
-  tensors, ctx, read = _plan(cfg, want, init)
+    if kind != 'reinit' and not rules_lib.matching(tensors, args[0]):
+      raise ValueError(f'config.initialization.rules[{i}]={rules[i]!r} matches no '
+                       f'checkpoint tensor (names there: {sorted(tensors)[:8]}...); fix or '
+                       'remove it.')
+    tensors = rules_lib.RULES[kind](dict(tensors), ctx, *args)
   allow = {k: _allowed(cfg.get(k), k) for k in ('allow_unused', 'allow_missing',
                                                  'allow_mismatched')}
   used, fresh, problems = {}, {}, []
@@ -413,23 +261,99 @@ def initialize(target: Any, init_params: Any, cfg: Mapping[str, Any]) -> tuple[A
                       'map one to it with a rule, or let it keep its fresh init with '
                       f"allow_missing or ('reinit', {'^' + re.escape(n) + '$'!r})")
   if problems:
-    raise ValueError(f'initialization from {cfg["source"]} checkpoint {cfg["path"]}: '
-                     f'{len(problems)} problem(s):\n  ' + '\n  '.join(problems))
-  arrays = read(sorted({s for t in used.values() for s in t.sources}))
-  out = dict(init)
-  for n, t in used.items():
-    x = np.ascontiguousarray(t.make(arrays), dtype=want[n].dtype)
-    sharding = getattr(want[n], 'sharding', None)
-    out[n] = x if sharding is None else jax.device_put(x, sharding)
-  frozen = _allowed(cfg.get('freeze'), 'freeze')
+    raise ValueError(f'config.initialization from {cfg["source"]} checkpoint '
+                     f'{cfg["path"]}: {len(problems)} problem(s):\n  '
+                     + '\n  '.join(problems))
+  if segments:
+    used, fresh = _scanned(used, fresh, segments, ctx)
+  labels = traverse_util.flatten_dict(
+      optimizers.frozen_labels(target, cfg.get('freeze')), sep='/')
   report = Report(
       source=f'{cfg["source"]}:{cfg["path"]}',
       loaded={n: ', '.join(t.sources) + ''.join(f' | {h}' for h in t.how)
               for n, t in used.items()},
       initialized=dict(sorted(fresh.items())), dropped=dict(sorted(ctx.dropped.items())),
-      frozen=[n for n in sorted(want) if frozen(n)])
-  logging.info('%s', format_report(report))
-  return traverse_util.unflatten_dict(out, sep='/'), report
+      frozen=[n for n in sorted(labels) if labels[n] == 'frozen'])
+  return Plan(used, report, read, ctx)
+
+
+def _scanned(used, fresh, segments, ctx):
+  """used {name: Tensor}, fresh {name: why} in the reference's names -> the scanned
+  model's. A stacked param some of whose layers the checkpoint lacks (allowed missing)
+  takes those layers from its fresh init."""
+  def stack(new, members):
+    ts = [t for _, t in members if t is not None]
+    if not ts:
+      return None
+    fill = lambda k: rules_lib.Tensor(ts[0].shape, ts[0].dtype, (), lambda a: np.asarray(
+        ctx.init[new])[k], ('fresh init',))
+    return rules_lib.stack([t or fill(k) for k, (_, t) in enumerate(members)])
+
+  def why(new, members):
+    whys = sorted({w for _, w in members if w is not None})
+    if not whys:
+      return None
+    fresh_layers = [n for n, w in members if w is not None]
+    return ('; '.join(whys) if len(fresh_layers) == len(members) else
+            f'only {", ".join(fresh_layers)}: {"; ".join(whys)}')
+
+  used = {n: t for n, t in scan_lib.scan(used, segments, stack).items() if t is not None}
+  fresh = {n: w for n, w in scan_lib.scan(fresh, segments, why).items() if w is not None}
+  return used, fresh
+
+
+def bounding_box(indices, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The smallest box (a slice per axis) holding every index (tuple of slices)."""
+  ranges = [[s.indices(d)[:2] for s, d in zip(tuple(idx) + (slice(None),) * len(shape),
+                                               shape)] for idx in indices]
+  return tuple(slice(min(r[a][0] for r in ranges), max(r[a][1] for r in ranges))
+               for a in range(len(shape)))
+
+
+def _local_box(leaf) -> tuple[slice, ...] | None:
+  """What this process's devices hold of a sharded target leaf (None: no sharding)."""
+  sharding = getattr(leaf, 'sharding', None)
+  if sharding is None:
+    return None
+  shape = tuple(leaf.shape)
+  return bounding_box(sharding.addressable_devices_indices_map(shape).values(), shape)
+
+
+def _place(x: np.ndarray, leaf, box: tuple[slice, ...] | None):
+  """x: the region `box` (None: all) of the target leaf -> on the leaf's sharding."""
+  sharding = getattr(leaf, 'sharding', None)
+  if sharding is None:
+    return x
+  shape = tuple(leaf.shape)
+  start = [b.start for b in box] if box else [0] * len(shape)
+
+  def shard(index):
+    return x[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(
+        (s.indices(d)[:2] for s, d in zip(tuple(index) + (slice(None),) * len(shape),
+                                          shape)), start))]
+
+  return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def initialize(target: Any, init_params: Any, cfg: Mapping[str, Any]) -> tuple[Any, Report]:
+  """See the module docstring."""
+  want = traverse_util.flatten_dict(target, sep='/')
+  init = traverse_util.flatten_dict(init_params, sep='/')
+  if {n: tuple(x.shape) for n, x in want.items()} != {
+      n: tuple(np.shape(x)) for n, x in init.items()}:
+    raise ValueError('initialize: init_params must have the names and shapes of target.')
+  p = plan(target, cfg)
+  p.ctx.init.update(init)
+  # Tensors that reach their param unchanged are read for this process's part only.
+  boxes = {n: _local_box(want[n]) if set(t.how) <= {'rename'} else None
+           for n, t in p.used.items()}
+  wanted = {s: boxes[n] for n, t in p.used.items() for s in t.sources}
+  arrays = p.read(wanted)
+  out = dict(init)
+  for n, t in p.used.items():
+    out[n] = _place(np.asarray(t.make(arrays), dtype=want[n].dtype), want[n], boxes[n])
+  logging.info('%s', format_report(p.report))
+  return traverse_util.unflatten_dict(out, sep='/'), p.report
 
 
 def format_report(report: Report) -> str:
@@ -442,10 +366,3 @@ def format_report(report: Report) -> str:
   lines += [f'  unused  {n}: {why}' for n, why in report.dropped.items()]
   lines += [f'  frozen  {n}' for n in report.frozen]
   return '\n'.join(lines)
-
-
-def frozen_mask(params: Any, regex: str | None) -> Any:
-  """Tree of bools like params: True where the '/'-joined path matches `regex`."""
-  match = _allowed(regex, 'freeze')
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: match('/'.join(str(getattr(k, 'key', k)) for k in path)), params)

@@ -1,9 +1,27 @@
 """Orbax checkpoints of the train state, in WORKDIR/checkpoints/<step>/.
 
 Each checkpoint holds `state` (any pytree of jax.Arrays: step, params,
-optimizer state) and `meta` (JSON: the step and whatever the trainer adds).
-Saving is asynchronous: `save()` returns once the arrays are copied to host
-memory, and the files are written in the background.
+optimizer state) and `meta` (JSON: the step, the run's seed and whatever the
+trainer adds). Saving is asynchronous: `save()` returns once the arrays are
+copied to host memory, and the files are written in the background.
+
+What a checkpoint restores: the trainer's data position and random numbers are
+functions of (seed, step) (the batch read at step t is batch t of the seeded
+input order; the key of each random stream at step t is folded from the seed
+and t), so the checkpoint's step restores both exactly. The seed is stored in
+`meta`, and resuming with a different config.seed is refused (it would
+silently change both).
+
+At scale: arrays are written by TensorStore into one OCDBT database per
+checkpoint (orbax's default, `use_ocdbt=True`: a few large files instead of one
+per array chunk; `manifest.ocdbt` marks it; chunks are zstd-compressed, orbax's
+default). Each process writes only the shards its own devices hold (a
+replicated array once, not per copy), and `restore` reads onto whatever
+shardings the abstract state asks for, so a state saved on one mesh (e.g.
+experts over a 4-way axis) restores onto another (tests/checkpoints/
+test_restore_mesh.py; throughput: benchmarks/checkpoint.py). Retention: the
+last `keep_last` checkpoints, plus every step that is a multiple of
+`keep_every` (save_checkpoint.keep_every), are kept.
 
 A half-written checkpoint is never loaded: orbax writes each step into
 `<step>.orbax-checkpoint-tmp-<id>/` and renames it to `<step>/` only once every
@@ -21,32 +39,40 @@ import time
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
 
 
 class TrainCheckpointer:
-  """Saves every `every_steps` (and when forced), keeps the last `keep_last`."""
+  """Saves every `every_steps` (and when forced); keeps the last `keep_last`
+  and every multiple of `keep_every`; refuses to resume a different `seed`."""
 
   def __init__(self, workdir: str, *, every_steps: int | None,
-               keep_last: int | None = 1, asynchronous: bool = True):
-    if every_steps is not None and every_steps <= 0:
-      raise ValueError(f'save_checkpoint.every_steps must be > 0 or None, got '
-                       f'{every_steps}.')
+               keep_last: int | None = 1, keep_every: int | None = None,
+               seed: int | None = None, asynchronous: bool = True):
+    for name, value in (('every_steps', every_steps), ('keep_every', keep_every)):
+      if value is not None and value <= 0:
+        raise ValueError(f'save_checkpoint.{name} must be > 0 or None, got {value}.')
     if keep_last is not None and keep_last <= 0:
       raise ValueError(f'save_checkpoint.keep_last must be > 0 or None (keep '
                        f'all), got {keep_last}.')
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     check_writable(workdir, os.path.abspath(workdir), self.directory)
     self.every_steps = every_steps
+    self.seed = seed
     self._last_saved = None
+    keep = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+    if keep_every:
+      keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
             create=True,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous,
@@ -76,7 +102,8 @@ class TrainCheckpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({'step': step, **(meta or {})})),
+            meta=ocp.args.JsonSave({'step': step, **(meta or {}), **(
+                {} if self.seed is None else {'seed': self.seed})})),
         force=True)
     logging.info('Saving checkpoint for step %d in %s', step, self.directory)
 
@@ -105,18 +132,19 @@ class TrainCheckpointer:
     WORKDIR/checkpoints_unreadable/ (kept for inspection, and out of the way
     of the steps about to be saved again). If none loads, nothing is moved
     (e.g. a changed model config fails every step alike) and the ValueError
-    lists each step's error.
+    lists each step's error. A checkpoint of another seed is a ValueError.
     """
     errors = {}
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state, _ = self.restore(step, abstract_state)
+        state, meta = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except  # Orbax raises bare Exceptions.
         errors[step] = read_error(e)
         logging.warning('Checkpoint step %d in %s cannot be read, so it is not '
                         'used (trying the previous one): %s', step,
                         self.directory, errors[step])
         continue
+      self._check_seed(step, meta)
       if errors:
         self._move_aside(sorted(errors))
         logging.warning('Resuming from step %d, the latest readable checkpoint; '
@@ -130,6 +158,17 @@ class TrainCheckpointer:
           + '. If the config changed since they were written, restore it; to '
           'start from scratch, move that directory away.')
     return None
+
+  def _check_seed(self, step: int, meta: dict):
+    # Checkpoints written before the seed was stored have none: nothing to check.
+    saved = meta.get('seed')
+    if None not in (saved, self.seed) and saved != self.seed:
+      raise ValueError(
+          f'Checkpoint step {step} in {self.directory} was written with '
+          f'config.seed={saved}, but this run has config.seed={self.seed}: the '
+          f'data order and random numbers of a resumed run follow the seed. '
+          f'Resume with --config.seed={saved}, or start the new seed in another '
+          f'--workdir.')
 
   @property
   def _unreadable_dir(self) -> str:
@@ -200,7 +239,43 @@ def read_error(e: BaseException) -> str:
   return f'{type(e).__name__}: {first_line.split(" [tensorstore_spec=")[0][:500]}'
 
 
-def load_step_params(step_dir: str) -> PyTree:
-  """Params of one checkpoint directory, WORKDIR/checkpoints/<step>."""
+def step_dir(path: str) -> str:
+  """WORKDIR/checkpoints/<step> as given, or the latest complete step of a WORKDIR."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  if not os.path.isdir(os.path.join(path, 'checkpoints')):
+    raise ValueError(f'No orbax checkpoint at {path!r}: expected a checkpoint '
+                     'directory WORKDIR/checkpoints/<step> or a WORKDIR.')
+  manager = ocp.CheckpointManager(
+      os.path.join(path, 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise ValueError(f'No complete checkpoint in {path}/checkpoints.')
+  return os.path.join(path, 'checkpoints', str(step))
+
+
+def params_metadata(directory: str) -> dict[str, jax.ShapeDtypeStruct]:
+  """{'/'-joined param name: shape and dtype} of checkpoint `directory`
+  (WORKDIR/checkpoints/<step>), from its metadata only (no array is read)."""
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.join(os.path.abspath(step_dir), 'state'))['params']
+    tree = ckptr.metadata(os.path.join(directory, 'state')).item_metadata.tree
+  flat = traverse_util.flatten_dict(tree['params'], sep='/')
+  return {n: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for n, m in flat.items()}
+
+
+def load_step_params(directory: str, names=None) -> PyTree:
+  """Params of checkpoint `directory` (WORKDIR/checkpoints/<step>) as numpy:
+  all, or only the '/'-joined `names` (only their arrays are read)."""
+  state = os.path.join(os.path.abspath(directory), 'state')
+  if names is None:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(state)['params']
+  specs = params_metadata(directory)
+  item = {'params': traverse_util.unflatten_dict({n: specs[n] for n in names}, sep='/')}
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(state, args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True, restore_args=jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))['params']

@@ -25,6 +25,8 @@ VARIANTS = {
     'H': dict(hidden_size=1280, num_layers=32, mlp_dim=5120, num_heads=16),
     # V-MoE 15B's backbone (ViT-G-like; the paper's largest model).
     '15B': dict(hidden_size=1408, num_layers=48, mlp_dim=6400, num_heads=16),
+    # The later ViT-S (vision_transformer's AugReg and big_vision checkpoints).
+    'S12': dict(hidden_size=384, num_layers=12, mlp_dim=1536, num_heads=6),
 }
 
 
@@ -71,13 +73,20 @@ def base_config(*, seed: int = 0) -> ConfigDict:
   c = ConfigDict()
   c.seed = seed
   c.extra_rng_keys = ('dropout', 'gating')
-  c.save_checkpoint = ConfigDict(dict(every_steps=1_000, keep_last=1))
+  # keep_every=N also keeps every checkpoint whose step is a multiple of N.
+  c.save_checkpoint = ConfigDict(dict(every_steps=1_000, keep_last=1,
+                                      keep_every=config_dict.placeholder(int)))
   c.evaluate = ConfigDict(dict(every_steps=1_000))
   c.report_progress = ConfigDict(dict(
       every_steps=100, every_secs=config_dict.placeholder(float)))
   # A step with a NaN/Inf loss or gradient norm is never applied; 'stop' ends
   # the run naming the last good checkpoint, 'skip' goes on.
   c.nonfinite = 'stop'
+  # Device mesh over all devices of all processes (-1: the rest), e.g.
+  # --config.mesh.expert=4 spreads each MoE layer's experts over 4 devices.
+  c.mesh = ConfigDict(dict(data=-1, expert=1))
+  # True: also split the non-expert params and their optimizer state over 'data'.
+  c.fsdp = False
   return c
 
 
@@ -232,6 +241,18 @@ def paper_optimizer(*, peak_value: float, warmup_steps: int = 10_000,
       learning_rate=dict(schedule='warmup_linear_decay', peak_value=peak_value,
                          end_value=1e-5, warmup_steps=warmup_steps),
       gradient_clip=dict(global_norm=global_norm)))
+
+
+def initialization_config(*, source: str, path: str | None = None, rules=(),
+                          allow_unused=None, allow_missing=None,
+                          allow_mismatched=None, freeze=None) -> ConfigDict:
+  """config.initialization: start a new run from a checkpoint through ordered
+  rules (vmoe.checkpoints.initialization). Every key is present, so that
+  e.g. --config.initialization.path=PATH can set it."""
+  return ConfigDict(dict(
+      source=source, path=path or None, rules=list(rules),
+      allow_unused=allow_unused, allow_missing=allow_missing,
+      allow_mismatched=allow_mismatched, freeze=freeze or None))
 
 
 every_n = models.every_n

@@ -1,7 +1,13 @@
-"""MLPs: the dense ViT MLP and E experts stacked on a leading axis (one code path)."""
+"""MLPs: the dense ViT MLP and E experts stacked on a leading axis (one code path).
+
+`compute_dtype` is the matmul precision policy of vmoe/nn/precision.py ('float32', or
+'bfloat16' inputs with float32 accumulation); params are float32 either way.
+"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vmoe.nn import precision
 
 Array = jax.Array
 
@@ -20,51 +26,74 @@ def _stacked(init, num_experts: int, split: bool):
 
 
 class ExpertDense(nn.Module):
-  """E independent dense layers. x: [E, M, D_in] -> [E, M, features]."""
+  """E independent dense layers, kernel [E, D_in, F], bias [E, F].
+
+  __call__(x [E, M, D_in]) -> [E, M, F]: expert e's buffer is x[e].
+  __call__(x [N, D_in], group_sizes [E]) -> [N, F]: rows sorted by expert, the first
+    group_sizes[0] rows are expert 0's, and so on (jax.lax.ragged_dot); rows past
+    sum(group_sizes) belong to no expert and carry garbage.
+  """
   features: int
   num_experts: int
   split_rngs: bool
+  compute_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, group_sizes=None) -> Array:
     e, d = self.num_experts, x.shape[-1]
     kernel = self.param('kernel', _stacked(KERNEL_INIT, e, self.split_rngs),
                         (e, d, self.features))
     bias = self.param('bias', _stacked(BIAS_INIT, e, self.split_rngs), (e, self.features))
-    return jnp.einsum('emd,edh->emh', x, kernel) + bias[:, None, :]
+    if group_sizes is None:
+      return precision.dot(x, kernel, self.compute_dtype) + bias[:, None, :]
+    row_expert = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=x.shape[0])
+    return precision.ragged_dot(x, kernel, group_sizes, self.compute_dtype) + bias[row_expert]
 
 
 class ExpertMlp(nn.Module):
-  """E expert MLPs (D -> H -> D, tanh-GELU). x: [G, E, C, D] -> [G, E, C, D]."""
+  """E expert MLPs (D -> H -> D, tanh-GELU) on capacity buffers or on ragged rows.
+
+  __call__(x [G, E, C, D]) -> [G, E, C, D] (dispatch kinds 'einsum' and 'indices').
+  __call__(x [N, D], group_sizes [E]) -> [N, D] (rows sorted by expert, kind 'ragged').
+  """
   mlp_dim: int
   num_experts: int
   dropout_rate: float = 0.0
   split_rngs: bool = False
+  compute_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    g, e, c, d = x.shape
-    # [E, G*C, D]: each expert's buffer is contiguous, the layout expert parallelism
-    # shards on its leading axis.
-    h = jnp.swapaxes(x, 0, 1).reshape(e, g * c, d)
-    h = ExpertDense(self.mlp_dim, e, self.split_rngs, name='Dense_0')(h)
-    h = nn.gelu(h)
+  def __call__(self, x: Array, *, train: bool, group_sizes=None) -> Array:
+    dense = lambda n, name: ExpertDense(n, self.num_experts, self.split_rngs,
+                                        self.compute_dtype, name=name)
+    d = x.shape[-1]
+    h = x
+    if group_sizes is None:
+      g, e, c, _ = x.shape
+      # [E, G*C, D]: each expert's buffer is contiguous, the layout expert parallelism
+      # shards on its leading axis.
+      h = jnp.swapaxes(x, 0, 1).reshape(e, g * c, d)
+    h = nn.gelu(dense(self.mlp_dim, 'Dense_0')(h, group_sizes))
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    h = ExpertDense(d, e, self.split_rngs, name='Dense_1')(h)
+    h = dense(d, 'Dense_1')(h, group_sizes)
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    return jnp.swapaxes(h.reshape(e, g, c, d), 0, 1)
+    if group_sizes is None:
+      h = jnp.swapaxes(h.reshape(e, g, c, d), 0, 1)
+    return h
 
 
 class MlpBlock(nn.Module):
   """Dense MLP, D -> H -> D with tanh-approximated GELU (flax's default)."""
   mlp_dim: int
   dropout_rate: float = 0.0
+  compute_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     d = x.shape[-1]
-    dense = lambda n, name: nn.Dense(n, kernel_init=KERNEL_INIT,
-                                     bias_init=BIAS_INIT, name=name)
+    dense = lambda n, name: nn.Dense(n, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT,
+                                     dot_general=precision.dot_general(self.compute_dtype),
+                                     name=name)
     x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = dense(d, 'Dense_1')(x)

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 
+from vmoe.nn import precision
 from vmoe.nn import routers as routers_lib
 from vmoe.nn import routing as routing_lib
 from vmoe.nn import vit
@@ -18,7 +19,8 @@ MODELS = {'VisionTransformerMoe': vit.VisionTransformerMoe,
 MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'classifier',
               'representation_size', 'head_bias_init', 'head_kernel_zero_init')
 ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
-                'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb')
+                'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb',
+                'compute_dtype', 'scan', 'remat')
 MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts')
 
 
@@ -92,9 +94,28 @@ def validate(config: Any) -> dict:
     raise ValueError(f'model.encoder.position_emb.name={pos.get("name")!r} is unknown; '
                      f'valid: {vit.POSITION_EMBS}.')
   enc['position_emb'] = pos
+  if 'compute_dtype' in enc:
+    precision.check(enc['compute_dtype'], 'model.encoder.compute_dtype')
+  _validate_scan_remat(enc)
   if enc.get('moe') is not None:
     enc['moe'] = _validate_moe(dict(enc['moe']), num_layers, c.get('num_classes'))
   return {'name': name, **c}
+
+
+def _validate_scan_remat(enc: dict):
+  """scan: a bool; remat: a vit.REMAT name, or a bool (True: 'full', False: 'none')."""
+  scan = enc.get('scan', False)
+  if not isinstance(scan, bool):
+    raise ValueError(f'model.encoder.scan={scan!r} must be True (run repeated blocks with '
+                     'nn.scan) or False.')
+  remat = enc.get('remat', 'none')
+  if remat is None or isinstance(remat, bool):
+    remat = 'full' if remat else 'none'
+  if not isinstance(remat, str) or remat not in vit.REMAT:
+    raise ValueError(f'model.encoder.remat={remat!r} is unknown; valid: '
+                     f'{sorted(vit.REMAT)} (or True for \'full\', False for \'none\').')
+  if 'scan' in enc or 'remat' in enc:
+    enc['scan'], enc['remat'] = scan, remat
 
 
 def _validate_moe(moe: dict, num_layers: int, num_classes: Optional[int]) -> dict:
@@ -133,6 +154,8 @@ def _validate_moe(moe: dict, num_layers: int, num_classes: Optional[int]) -> dic
     raise ValueError(f'{where}.dispatcher.name={kind!r} is unknown; valid: '
                      f'{routing_lib.DISPATCH_KINDS}.')
   if name in routers_lib.HARD_ROUTERS:
+    if kind == 'ragged':
+      _validate_ragged(router, disp, e, where)
     _validate_capacity(disp, f'{where}.dispatcher')
   else:
     _validate_soft(router, disp, where)
@@ -144,6 +167,17 @@ def _validate_moe(moe: dict, num_layers: int, num_classes: Optional[int]) -> dic
       routers_lib.per_image.load_superclasses(router['superclasses'], num_classes, e)
       router['num_classes'] = num_classes
   return moe
+
+
+def _validate_ragged(router: dict, disp: dict, num_experts: int, where: str):
+  """Ragged dispatch sorts each token's K choices by expert: token-choice routers only."""
+  if 'num_selected_experts' not in routers_lib.router_fields(router['name']):
+    raise ValueError(f"{where}.dispatcher.name='ragged' needs a router where each token "
+                     f"picks K experts; {router['name']} fills expert slots instead: use "
+                     "'indices' (or 'einsum').")
+  if disp.get('capacity') is None and disp.get('capacity_factor') is None:
+    # Dropless: room in every expert for every token (each token picks distinct experts).
+    disp['capacity_factor'] = num_experts / router.get('num_selected_experts', 1)
 
 
 def _validate_capacity(disp: dict, where: str):

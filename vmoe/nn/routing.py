@@ -1,15 +1,24 @@
 """Routing decisions as data: who goes where, with which weight.
 
-A router (vmoe/nn/routers.py) only produces one of the objects below; the MoE layer
+A router (vmoe/nn/routers/) only produces one of the objects below; the MoE layer
 (vmoe/nn/moe.py) runs the same expert code for all of them. Notation: G groups, S tokens
 per group, D model width, E experts, C buffer slots per expert (capacity), K choices per
 token.
 
 `SparseRouting` is a hard assignment. Its canonical, expert-major form says, for every
-buffer slot (e, c), which token of the group sits there and with which combine weight:
-dispatch is a gather, combine a weighted scatter-add. Routers with a fixed number K of
-choices per token also give the token-major form, so that combine is a gather instead.
+buffer slot (e, c), which token of the group sits there and with which combine weight.
+Routers with a fixed number K of choices per token also give the token-major form.
 `DenseRouting` holds the soft dispatch/combine tensors of Soft MoE.
+
+Dispatch kinds (`dispatcher.name`), all computing the same function of the same decisions:
+- 'einsum': one-hot matmuls, as the reference: dispatch [G, E*C, S] x [G, S, D], combine
+  [G, S, E*C] x [G, E*C, D]. O(S^2) FLOPs and memory per group (at 1568 tokens about a
+  third of the experts' FLOPs, docs/performance.md); the one choice for Soft MoE.
+- 'indices': gathers into capacity buffers [G, E, C, D] and back (combine gathers the K
+  choices of each token through `token_slot`); O(S) per group.
+- 'ragged': no buffers: the G*S*K choices become rows sorted by expert
+  (`sorted_by_expert`) and the experts run `jax.lax.ragged_dot`, so no padding is computed.
+  Dropped choices (capacity) stay dropped; with no capacity configured nothing drops.
 """
 import math
 from typing import Literal, Optional
@@ -18,8 +27,19 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vmoe.nn import precision
+
 Array = jax.Array
-DISPATCH_KINDS = ('einsum', 'indices')
+DISPATCH_KINDS = ('einsum', 'indices', 'ragged')
+
+
+def _precision_of(x: Array) -> str:
+  """One-hot matmuls of bfloat16 tokens run bf16 x bf16 -> f32 (exact for a one-hot)."""
+  return 'bfloat16' if x.dtype == jnp.bfloat16 else 'float32'
+
+
+def _unknown(kind: str) -> ValueError:
+  return ValueError(f'Unknown dispatch kind {kind!r}; valid: {DISPATCH_KINDS}.')
 
 
 def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
@@ -68,25 +88,32 @@ class SparseRouting:
     return g, s, e, c
 
   def dispatch(self, x: Array, kind: str) -> Array:
-    """x: [G, S, D] -> expert inputs [G, E, C, D] (zeros in empty slots)."""
+    """x: [G, S, D] -> expert inputs [G, E, C, D] in x's dtype (zeros in empty slots)."""
     g, s, d = x.shape
     _, e, c = self.slot_token.shape
     if kind == 'einsum':
-      dispatch = jax.nn.one_hot(self.slot_token, s, dtype=x.dtype)  # [G, E, C, S]
-      return jnp.einsum('gecs,gsd->gecd', dispatch, x)
+      onehot = self.slot_token.reshape(g, e * c, 1) == jnp.arange(s)  # [G, E*C, S]
+      y = precision.dot(onehot.astype(x.dtype), x, _precision_of(x))
+      return y.astype(x.dtype).reshape(g, e, c, d)
     if kind == 'indices':
       # Slot value S is out of range: mode='fill' turns it into a zero row.
       take = lambda xg, ig: jnp.take(xg, ig, axis=0, mode='fill', fill_value=0)
       return jax.vmap(take)(x, self.slot_token.reshape(g, e * c)).reshape(g, e, c, d)
-    raise ValueError(f'Unknown dispatch kind {kind!r}; valid: {DISPATCH_KINDS}.')
+    if kind == 'ragged':
+      raise ValueError("Ragged dispatch has no capacity buffers: dispatch with "
+                       "routing.sorted_by_expert() instead.")
+    raise _unknown(kind)
 
   def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
     """y: [G, E, C, D] expert outputs -> [G, S, D] weighted by the combine weights."""
     g, e, c, d = y.shape
     w = self.slot_weight.astype(y.dtype)
     if kind == 'einsum':
-      combine = jax.nn.one_hot(self.slot_token, num_tokens, dtype=y.dtype) * w[..., None]
-      return jnp.einsum('gecs,gecd->gsd', combine, y)
+      # Weights go on the slots, not into the one-hot: their gradient is then a dot product
+      # per slot instead of one more [G, S, E*C] matmul in the backward pass.
+      onehot = self.slot_token.reshape(g, 1, e * c) == jnp.arange(num_tokens)[:, None]
+      wy = y.reshape(g, e * c, d) * w.reshape(g, e * c, 1)
+      return precision.dot(onehot.astype(y.dtype), wy, _precision_of(y)).astype(y.dtype)
     if kind == 'indices':
       y = y.reshape(g, e * c, d)
       if self.token_slot is not None:
@@ -96,7 +123,24 @@ class SparseRouting:
         return jnp.einsum('gskd,gsk->gsd', yk, self.token_weight.astype(y.dtype))
       seg = lambda yg, tg: jax.ops.segment_sum(yg, tg, num_segments=num_tokens)
       return jax.vmap(seg)(y * w.reshape(g, e * c, 1), self.slot_token.reshape(g, e * c))
-    raise ValueError(f'Unknown dispatch kind {kind!r}; valid: {DISPATCH_KINDS}.')
+    raise _unknown(kind)
+
+  def sorted_by_expert(self) -> 'RaggedRouting':
+    """The same decisions as rows sorted by expert, for kind 'ragged'."""
+    if self.token_slot is None:
+      raise ValueError("Dispatch kind 'ragged' needs K choices per token (a token-choice "
+                       "router); experts that pick tokens fill every slot: use 'indices'.")
+    g, e, c = self.slot_token.shape
+    _, s, k = self.token_slot.shape
+    expert = (self.token_slot // c).reshape(-1)  # [N] in (g, s, k) order; E if dropped.
+    n = expert.shape[0]
+    order = jnp.argsort(expert, stable=True)  # Row -> choice.
+    rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return RaggedRouting(
+        row_token=(order // k).astype(jnp.int32),
+        group_sizes=jnp.bincount(expert, length=e).astype(jnp.int32),
+        token_row=jnp.where(expert < e, rank, n).reshape(g, s, k),
+        token_weight=self.token_weight)
 
   def per_token(self, num_tokens: int):
     """Dense view for analysis and tests: (slot [G, S, E] (-1 if not routed), weight [G, S, E])."""
@@ -109,6 +153,34 @@ class SparseRouting:
     weight = jnp.zeros((g, num_tokens, e), self.slot_weight.dtype)
     weight = weight.at[gi, self.slot_token, ei].set(self.slot_weight, mode='drop')
     return slot, weight
+
+
+@flax.struct.dataclass
+class RaggedRouting:
+  """Token choice without buffers: the N = G*S*K choices as rows sorted by expert.
+
+  row_token: [N] int32, flat token g * S + s of each row; rows of dropped choices come
+    last and belong to no expert.
+  group_sizes: [E] int32, rows per expert (the first group_sizes[0] rows are expert 0's).
+  token_row: [G, S, K] int32, row of each choice; N where the choice was dropped.
+  token_weight: [G, S, K], combine weight of each choice (0 where dropped).
+  """
+  row_token: Array
+  group_sizes: Array
+  token_row: Array
+  token_weight: Array
+
+  def dispatch(self, x: Array, kind: str = 'ragged') -> Array:
+    """x: [G, S, D] -> rows [N, D]."""
+    del kind  # Only 'ragged' makes a RaggedRouting.
+    return jnp.take(x.reshape(-1, x.shape[-1]), self.row_token, axis=0)
+
+  def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
+    """y: [N, D] expert outputs per row -> [G, S, D] weighted by the combine weights."""
+    del kind, num_tokens  # Rows and token_row say everything.
+    # Row N (dropped) is out of range: a zero row. Rows past the groups are never read.
+    yk = jnp.take(y, self.token_row, axis=0, mode='fill', fill_value=0)  # [G, S, K, D]
+    return jnp.einsum('gskd,gsk->gsd', yk, self.token_weight.astype(y.dtype))
 
 
 @flax.struct.dataclass

@@ -3,6 +3,8 @@
 Names follow google-research/vmoe and vision_transformer (embedding, cls,
 Encoder/posembed_input, Encoder/encoderblock_{i}/{LayerNorm_0, SelfAttention, LayerNorm_1,
 Mlp | Moe}, Encoder/encoder_norm, pre_logits, head), so released checkpoints load as is.
+With encoder.scan, repeated blocks live under Encoder/scan_{a}_{p}x{r}/block_{j} with a
+leading layer axis instead (vmoe/nn/scan.py converts between the two).
 """
 from typing import Any, Mapping, Optional, Sequence
 
@@ -11,11 +13,19 @@ import jax
 import jax.numpy as jnp
 
 from vmoe.nn import moe as moe_lib
+from vmoe.nn import precision
+from vmoe.nn import scan as scan_lib
 from vmoe.nn.mlp import MlpBlock
 
 Array = jax.Array
 CLASSIFIERS = ('token', 'gap', '0', 'map')
 POSITION_EMBS = ('learned', 'sincos2d', 'none')
+# model.encoder.remat -> what a block's backward pass keeps instead of recomputing
+# ('full': only the block's input; 'dots': matmul outputs; 'dots_no_batch': those without
+# batch dimensions, i.e. projections but not attention scores or expert buffers).
+REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.checkpoint_dots,
+         'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def sincos2d(h: int, w: int, d: int, temperature: float = 10_000.) -> Array:
@@ -38,27 +48,65 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   attention_qk_norm: bool = False
   moe: Optional[Mapping[str, Any]] = None  # MoeLayer kwargs if this block is MoE.
+  moe_sharding: Optional[moe_lib.Sharding] = None
+  compute_dtype: str = 'float32'  # Matmul precision (vmoe/nn/precision.py).
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
-    """x: [B, T, D] -> ([B, T, D], metrics or None)."""
+  def __call__(self, x: Array, labels: Optional[Array], train: bool):
+    """x: [B, T, D] -> ([B, T, D], metrics or None). Positional: nn.remat needs train
+    static (static_argnums)."""
     y = nn.LayerNorm(name='LayerNorm_0')(x)
+    dot_general = precision.dot_general(self.compute_dtype)  # Projections; softmax in f32.
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
         broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
         normalize_qk=self.attention_qk_norm, deterministic=not train,
+        qkv_dot_general=dot_general, out_dot_general=dot_general,
         name='SelfAttention')(y, y)
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.LayerNorm(name='LayerNorm_1')(x)
     if self.moe is None:
-      return x + MlpBlock(self.mlp_dim, self.dropout_rate, name='Mlp')(y, train=train), None
+      return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.compute_dtype,
+                          name='Mlp')(y, train=train), None
     y, metrics = moe_lib.MoeLayer(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                                  name='Moe', **self.moe)(y, train=train, labels=labels)
+                                  sharding=self.moe_sharding,
+                                  compute_dtype=self.compute_dtype, name='Moe', **self.moe)(
+                                      y, train=train, labels=labels)
     return x + y, metrics
 
 
+def remat_block(remat: str):
+  """EncoderBlock, or it under nn.remat: the backward pass recomputes what the policy
+  does not save (REMAT), trading compute for activation memory."""
+  if remat == 'none':
+    return EncoderBlock
+  return nn.remat(EncoderBlock, policy=REMAT[remat], static_argnums=(3,))  # self=0.
+
+
+class _Unit(nn.Module):
+  """One step of a scanned segment: blocks `block_{j}` in turn (vmoe/nn/scan.py); with
+  remat, the whole unit is rematerialised.
+
+  __call__(x [B, T, D], labels) -> (x, tuple of each block's metrics or None).
+  """
+  blocks: tuple[Mapping[str, Any], ...]  # EncoderBlock attributes of each block.
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: Array, labels: Optional[Array]):
+    metrics = []
+    for j, kwargs in enumerate(self.blocks):
+      x, m = EncoderBlock(**kwargs, name=f'block_{j}')(x, labels, self.train)
+      metrics.append(m)
+    return x, tuple(metrics)
+
+
 class Encoder(nn.Module):
-  """Position embedding, blocks, final LayerNorm. MoE blocks at `moe['layers']`."""
+  """Position embedding, blocks, final LayerNorm. MoE blocks at `moe['layers']`.
+
+  scan: run repeated units of blocks with nn.scan (vmoe/nn/scan.py: names, layout);
+  remat: a REMAT policy name applied to every block (every unit when scanned).
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -67,6 +115,28 @@ class Encoder(nn.Module):
   attention_qk_norm: bool = False
   moe: Optional[Mapping[str, Any]] = None
   position_emb: Optional[Mapping[str, Any]] = None
+  moe_sharding: Optional[moe_lib.Sharding] = None
+  compute_dtype: str = 'float32'  # Matmul precision of every block (vmoe/nn/precision.py).
+  scan: bool = False
+  remat: str = 'none'
+
+  def blocks(self) -> list[dict[str, Any]]:
+    """EncoderBlock attributes of every block."""
+    moe = dict(self.moe or {})
+    moe_layers = tuple(moe.pop('layers', ()))
+    return [dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                 dropout_rate=self.dropout_rate,
+                 attention_dropout_rate=self.attention_dropout_rate,
+                 attention_qk_norm=self.attention_qk_norm,
+                 moe=moe if i in moe_layers else None, moe_sharding=self.moe_sharding,
+                 compute_dtype=self.compute_dtype) for i in range(self.num_layers)]
+
+  def segments(self) -> tuple[scan_lib.Segment, ...]:
+    """The scanned segments (none without scan); MoE blocks differ from dense ones."""
+    if not self.scan:
+      return ()
+    moe_layers = set((self.moe or {}).get('layers', ()))
+    return scan_lib.layout([i in moe_layers for i in range(self.num_layers)])
 
   @nn.compact
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
@@ -82,21 +152,53 @@ class Encoder(nn.Module):
       emb = jnp.pad(emb, ((x.shape[1] - emb.shape[0], 0), (0, 0)))
       x = x + emb[None]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    moe = dict(self.moe or {})
-    moe_layers = tuple(moe.pop('layers', ()))
-    metrics = {}
-    for i in range(self.num_layers):
-      x, m = EncoderBlock(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          attention_qk_norm=self.attention_qk_norm,
-          moe=moe if i in moe_layers else None, name=f'encoderblock_{i}')(
-              x, train=train, labels=labels)
-      if m is not None:
-        metrics[f'encoderblock_{i}'] = m
-    aux = [m['auxiliary_loss'] for m in metrics.values()]
+    blocks, metrics = self.blocks(), {}
+    segments = {s.start: s for s in self.segments()}
+    i = 0
+    while i < self.num_layers:
+      seg = segments.get(i)
+      if seg is None:
+        x, m = remat_block(self.remat)(**blocks[i], name=f'encoderblock_{i}')(
+            x, labels, train)
+        if m is not None:
+          metrics[f'encoderblock_{i}'] = m
+        i += 1
+        continue
+      x, ms = self._scan(seg, blocks, train)(x, labels)
+      for k in range(seg.repeats):  # Per-layer metrics keep their unscanned keys.
+        for j, m in enumerate(ms):
+          if m is not None:
+            metrics[f'encoderblock_{seg.layer(k, j)}'] = jax.tree.map(lambda v: v[k], m)
+      self._unscan_intermediates(seg)
+      i += seg.period * seg.repeats
+    aux = [metrics[k]['auxiliary_loss'] for k in sorted(
+        metrics, key=lambda k: int(k.rsplit('_', 1)[1]))]
     metrics['auxiliary_loss'] = sum(aux[1:], aux[0]) if aux else jnp.zeros((), x.dtype)
     return nn.LayerNorm(name='encoder_norm')(x), metrics
+
+  def _scan(self, seg: scan_lib.Segment, blocks, train: bool) -> nn.Module:
+    # prevent_cse=False: inside a scan, CSE cannot move the recomputation forward.
+    unit = nn.scan(
+        _Unit if self.remat == 'none' else nn.remat(_Unit, policy=REMAT[self.remat],
+                                                    prevent_cse=False),
+        variable_axes={'params': 0, 'intermediates': 0},
+        split_rngs={'params': True, 'dropout': True, 'gating': True},
+        in_axes=nn.broadcast, length=seg.repeats)
+    return unit(blocks=tuple(blocks[seg.start:seg.start + seg.period]), train=train,
+                name=seg.name)
+
+  def _unscan_intermediates(self, seg: scan_lib.Segment):
+    """Also sow the segment's intermediates (e.g. routing) per block under
+    `encoderblock_{i}`, as unscanned, so that tools reading them need not know scan."""
+    if not self.is_mutable_collection('intermediates'):
+      return
+    inter = self.variables.get('intermediates', {}).get(seg.name, {})
+    for j in range(seg.period):
+      for k in range(seg.repeats):
+        tree = jax.tree.map(lambda v: v[k], inter.get(f'block_{j}', {}))
+        if tree:
+          self.sow('intermediates', f'encoderblock_{seg.layer(k, j)}', tree,
+                   init_fn=dict, reduce_fn=lambda _, new: new)
 
 
 class _AddPositionEmbs(nn.Module):
@@ -132,6 +234,8 @@ class VisionTransformerMoe(nn.Module):
   metrics['auxiliary_loss'] is [G] (summed over MoE layers) and metrics[block] holds each
   MoE layer's [G] metrics. In training, rngs 'dropout' and 'gating' are needed; labels
   (int [B]) only feed routers that learn from them (super-class guided per-image routing).
+  moe_sharding: where the MoE layers' groups and experts live on a device mesh (set by
+  the trainer from config.mesh, vmoe.parallel.mesh.moe_sharding), or None.
   """
   num_classes: Optional[int]
   patch_size: Sequence[int]
@@ -141,6 +245,7 @@ class VisionTransformerMoe(nn.Module):
   representation_size: Optional[int] = None
   head_bias_init: float = 0.0
   head_kernel_zero_init: bool = True
+  moe_sharding: Optional[moe_lib.Sharding] = None
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, labels: Optional[Array] = None):
@@ -151,8 +256,8 @@ class VisionTransformerMoe(nn.Module):
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
-    x, metrics = Encoder(name='Encoder', **self.encoder)(x, (h, w), train=train,
-                                                         labels=labels)
+    x, metrics = Encoder(name='Encoder', moe_sharding=self.moe_sharding, **self.encoder)(
+        x, (h, w), train=train, labels=labels)
     if self.classifier in ('token', '0'):
       x = x[:, 0]
     elif self.classifier == 'gap':

@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 P = jax.sharding.PartitionSpec
-EXPERT_RULES = ((r'(^|/)Moe/Mlp/', ('expert',)),)
+# Scanned blocks (vmoe/nn/scan.py) stack their params on a leading layer axis: [L, E, ...].
+EXPERT_RULES = ((r'(^|/)scan_\d+_\d+x\d+/block_\d+/Moe/Mlp/', (None, 'expert')),
+                (r'(^|/)Moe/Mlp/', ('expert',)))
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -98,8 +100,10 @@ def check_experts(params: Any, mesh: Mapping[str, int], rules=EXPERT_RULES):
   size = mesh.get('expert', 1)
   for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = path_of(keys)
-    if size > 1 and any(re.search(p, path) for p, _ in rules) and np.shape(x)[0] % size:
-      raise ValueError(f'{path} has {np.shape(x)[0]} experts, not divisible by the mesh '
+    axes = next((a for p, a in rules if re.search(p, path)), ())
+    e = np.shape(x)[axes.index('expert')] if 'expert' in axes else None
+    if size > 1 and e is not None and e % size:
+      raise ValueError(f'{path} has {e} experts, not divisible by the mesh '
                        f"axis 'expert' of size {size}; use num_experts a multiple of {size} "
                        'or a smaller expert axis.')
 

@@ -16,11 +16,13 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 import tensorflow_datasets as tfds
+from vmoe.checkpoints import initialization
 from vmoe.data import pipeline
 from vmoe.data import pp_ops
 from vmoe.evaluate import fewshot
 from vmoe.nn import models
 from vmoe.nn import routers
+from vmoe.parallel import mesh as mesh_lib
 from vmoe.train import losses
 from vmoe.train import mixup
 from vmoe.train import optimizers
@@ -39,11 +41,15 @@ TOP_KEYS = {
     'description': None,
     'extra_rng_keys': None,
     'mixup': frozenset({'concentration', 'size', 'granularity'}),
-    'save_checkpoint': frozenset({'every_steps', 'keep_last'}),
+    'save_checkpoint': frozenset({'every_steps', 'keep_last', 'keep_every'}),
     'evaluate': frozenset({'every_steps', 'model_overrides'}),
     'report_progress': frozenset({'every_steps', 'every_secs'}),
     'fewshot': None,  # Checked by vmoe.evaluate.fewshot.check_config.
+    # Start from another checkpoint (vmoe.checkpoints.initialization).
+    'initialization': frozenset(initialization.CONFIG_KEYS),
     'nonfinite': None,  # One of NONFINITE_MODES.
+    'mesh': None,  # {axis: size}, see vmoe.parallel.mesh.
+    'fsdp': None,  # Also split the non-expert params over 'data' (bool).
 }
 DATASET_KEYS = pipeline.KNOWN_KEYS
 DATASET_REQUIRED = ('name', 'split', 'process', 'batch_size')
@@ -159,6 +165,7 @@ def check_config(config: Any, *, num_devices: int = 1, num_processes: int = 1):
     registry.check_kwargs(mixup.check_config, c['mixup'], what='config.mixup')
     mixup.check_config(**c['mixup'])
   for key, sub in (('save_checkpoint', 'every_steps'), ('save_checkpoint', 'keep_last'),
+                   ('save_checkpoint', 'keep_every'),
                    ('evaluate', 'every_steps'), ('report_progress', 'every_steps')):
     _positive_int(_sub(c, key, 'config').get(sub), f'config.{key}.{sub}',
                   optional=True)
@@ -177,6 +184,14 @@ def check_config(config: Any, *, num_devices: int = 1, num_processes: int = 1):
     raise ValueError(f'config.evaluate.model_overrides give an invalid eval '
                      f'model: {e}') from None
   _check_rng_keys(c)
+  if c.get('initialization'):
+    initialization.check_config(c['initialization'])
+  _check_mesh(c, num_devices)
+  if c.get('fewshot') and num_processes > 1:
+    raise ValueError(f'config.fewshot: few-shot probes gather every example\'s '
+                     f'features on one host, so they run in single-process runs '
+                     f'only; drop config.fewshot for this {num_processes}-process '
+                     f'run (e.g. configs/digits.py:fewshot=False).')
   if c.get('fewshot'):
     fewshot.check_config(_sub(c, 'fewshot', 'config'))
     for split in ('train', 'test'):
@@ -184,6 +199,27 @@ def check_config(config: Any, *, num_devices: int = 1, num_processes: int = 1):
                          num_devices=num_devices, num_processes=num_processes)
     _positive_int(c['fewshot'].get('every_steps'), 'config.fewshot.every_steps',
                   optional=True)
+
+
+def _check_mesh(c: Mapping[str, Any], num_devices: int):
+  """config.mesh fits the devices, its expert axis the experts of every MoE layer."""
+  spec = c.get('mesh')
+  if spec is not None and not isinstance(spec, Mapping):
+    raise ValueError(f'config.mesh={spec!r} must be a dict of axis sizes, e.g. '
+                     "{'data': -1, 'expert': 4}.")
+  shape = mesh_lib.check_mesh(spec, num_devices)
+  if not isinstance(c.get('fsdp', False), bool):
+    raise ValueError(f'config.fsdp={c["fsdp"]!r} must be True or False.')
+  experts = shape.get('expert', 1)
+  for where, model in (('config.model', c['model']),
+                       ('config.evaluate.model_overrides', eval_model_config(c))):
+    moe = models.validate(model)['encoder'].get('moe') or {}
+    if moe.get('layers') and moe['num_experts'] % experts:
+      raise ValueError(
+          f'{where}: encoder.moe.num_experts={moe["num_experts"]} is not divisible by '
+          f'the mesh\'s expert axis (config.mesh={dict(spec or {})} -> {shape} on '
+          f'{num_devices} devices); use a multiple of {experts} experts or a smaller '
+          f'config.mesh.expert.')
 
 
 def _check_rng_keys(c: Mapping[str, Any]):
@@ -373,3 +409,14 @@ def check_inputs(config: Any, batches: Mapping[str, Mapping[str, Sequence[int]]]
     except ValueError as e:
       raise ValueError(f'{where} (batch_size={cfg["batch_size"]} over '
                        f'{num_devices} devices: {b} images per device): {e}') from None
+
+
+def check_initialization(config: Any, params: Any):
+  """config.initialization against the model's params (a tree of
+  jax.ShapeDtypeStruct) and the checkpoint's names and shapes (its index or
+  array headers; no array is read): each rule matches, each checkpoint tensor
+  is used, each param filled, the shapes agree (unless allowed). The trainer
+  runs it for a new run only: a resumed run ignores config.initialization."""
+  init = to_dict(config).get('initialization')
+  if init:
+    initialization.plan(params, init)

@@ -71,19 +71,19 @@ def add_decayed_weights(weight_decay) -> optax.GradientTransformation:
   return optax.chain(*ops) if ops else optax.identity()
 
 
-def _frozen_patterns(frozen_pattern) -> list[str]:
+def frozen_patterns(frozen_pattern, what: str = 'optimizer.frozen_pattern') -> list[str]:
+  """None | regex | [regex, ...] -> [regex, ...], each checked (`what` names it)."""
   if not frozen_pattern:
     return []
   patterns = ([frozen_pattern] if isinstance(frozen_pattern, str)
               else list(frozen_pattern))
-  param_paths.compile_patterns([(p, True) for p in patterns],
-                               what='optimizer.frozen_pattern')
+  param_paths.compile_patterns([(p, True) for p in patterns], what=what)
   return patterns
 
 
 def frozen_labels(params, frozen_pattern) -> Any:
   """'frozen' | 'trainable' for each param leaf."""
-  rules = [(p, 'frozen') for p in _frozen_patterns(frozen_pattern)]
+  rules = [(p, 'frozen') for p in frozen_patterns(frozen_pattern)]
   return param_paths.map_paths(
       lambda path, _: param_paths.first_match(rules, path, 'trainable'), params)
 
@@ -110,7 +110,7 @@ def check_config(config: Mapping[str, Any]):
     raise ValueError(f'optimizer.eps={kwargs["eps"]!r} must be > 0.')
   if any(wd < 0 for _, wd in _weight_decay_rules(config.get('weight_decay'))):
     raise ValueError(f'optimizer.weight_decay={config.get("weight_decay")!r} must be >= 0.')
-  _frozen_patterns(config.get('frozen_pattern'))
+  frozen_patterns(config.get('frozen_pattern'))
 
 
 def create_optimizer(
@@ -135,7 +135,7 @@ def create_optimizer(
       add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(schedule),
   )
-  if _frozen_patterns(frozen_pattern):
+  if frozen_patterns(frozen_pattern):
     # Frozen params get zero updates and no optimizer state at all; the global
     # norm for clipping is over the trainable params only.
     tx = optax.multi_transform(

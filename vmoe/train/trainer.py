@@ -1,7 +1,9 @@
 """Config-driven training with periodic evaluation and checkpointing.
 
-Parallelism: the data mesh of vmoe.parallel.mesh (params and optimizer state
-replicated, every batch sharded over 'data').
+Parallelism: the mesh of config.mesh (vmoe.parallel.mesh): every batch split
+over all its axes, the experts' weights and their optimizer state over 'expert',
+other params replicated (or over 'data' too with config.fsdp); the MoE layers
+move tokens to their experts' devices by all-to-all.
 """
 import contextlib
 import json
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from vmoe.checkpoints import initialization
 from vmoe.checkpoints import training as checkpoints
 from vmoe.data import pipeline
 from vmoe.evaluate import fewshot
@@ -203,16 +206,29 @@ def first_batch_shapes(iterable) -> dict[str, tuple[int, ...]]:
   return {k: v.shape for k, v in next(iter(iterable)).items()}
 
 
-def restore_or_create_state(ckpt, init_fn, state_sharding) -> TrainState:
-  """The state of the latest readable checkpoint, or a new one if none."""
+def restore_or_create_state(ckpt, init_fn, state_sharding, *, tx,
+                            config) -> TrainState:
+  """The state of the latest readable checkpoint; else a new one, with the
+  params of config.initialization if set (checked before anything compiles).
+  A resumed run ignores config.initialization: its own checkpoint wins."""
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       jax.eval_shape(init_fn), state_sharding)
   restored = ckpt.restore_latest(abstract)
-  if restored is None:
-    return jax.jit(init_fn, out_shardings=state_sharding)()
-  logging.info('Resuming from the checkpoint of step %d.', restored[0])
-  return restored[1]
+  if restored is not None:
+    logging.info('Resuming from the checkpoint of step %d%s.', restored[0],
+                 '; config.initialization is not used' if config.get(
+                     'initialization') else '')
+    return restored[1]
+  config_checks.check_initialization(config, abstract.params)
+  state = jax.jit(init_fn, out_shardings=state_sharding)()
+  if config.get('initialization'):
+    params, _ = initialization.initialize(abstract.params, state.params,
+                                          config.initialization)
+    # Optimizer state for these params (its shape may depend on their values).
+    opt_state = jax.jit(tx.init, out_shardings=state_sharding.opt_state)(params)
+    state = state.replace(params=params, opt_state=opt_state)
+  return state
 
 
 def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
@@ -242,11 +258,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                              num_processes=jax.process_count())
   ckpt = checkpoints.TrainCheckpointer(  # Fails here if WORKDIR is not writable.
       workdir, every_steps=config.get('save_checkpoint', {}).get('every_steps'),
-      keep_last=config.get('save_checkpoint', {}).get('keep_last', 1))
+      keep_last=config.get('save_checkpoint', {}).get('keep_last', 1),
+      keep_every=config.get('save_checkpoint', {}).get('keep_every'),
+      seed=config.get('seed', 0))
   config_checks.check_data(config, num_processes=jax.process_count())
-  mesh = mesh_lib.make_mesh()
+  mesh = mesh_lib.make_mesh(config.get('mesh'))
   replicated = jax.sharding.NamedSharding(mesh, P())
-  batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
+  batch_sharding = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
   seed = config.get('seed', 0)
   train_cfg = config.dataset.train
   num_train_examples, _ = pipeline.get_dataset_info(train_cfg)
@@ -254,8 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   eval_model_config = config_checks.eval_model_config(config.to_dict())
   model = models.build_model(config.model)
   eval_model = models.build_model(eval_model_config)
+  # config.initialization.freeze joins the optimizer's frozen params.
   tx, schedule = optimizers.create_optimizer(
-      **config.optimizer.to_dict(), total_steps=train_steps)
+      **initialization.optimizer_config(config.to_dict()), total_steps=train_steps)
   loss_fn = losses.LOSSES[config.loss.name]
 
   # The data position is the step: a resumed run reads the batches an
@@ -280,17 +299,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   init_fn = train_state_lib.make_init_fn(
       model, tx, image_shape=(per_device_batch,) + first['image'].shape[1:],
       seed=seed)
-  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn))
-  state = restore_or_create_state(ckpt, init_fn, state_sharding)
+  state_sharding = mesh_lib.state_sharding(mesh, jax.eval_shape(init_fn),
+                                           fsdp=config.get('fsdp', False))
+  state = restore_or_create_state(ckpt, init_fn, state_sharding, tx=tx,
+                                  config=config)
   if int(state.step) != init_step:  # The latest checkpoint was unreadable.
     init_step = int(state.step)
     train_iter = pipeline.make_train_iterator(train_cfg, seed=seed,
                                               start_batch=init_step)
     first = next(train_iter)
-  parameter_overview.log_parameter_overview(state.params)
+  # 'global': statistics computed on the devices, as params may span processes.
+  parameter_overview.log_parameter_overview(state.params, include_stats='global')
 
+  # Params do not depend on the mesh: init_fn uses the model without it.
+  moe_sharding = mesh_lib.moe_sharding(mesh)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, loss_fn, seed=seed,
+      make_train_step(model.clone(moe_sharding=moe_sharding), tx, schedule,
+                      loss_fn, seed=seed,
                       rng_names=config.get('extra_rng_keys', ()),
                       mixup_config=(config.mixup.to_dict()
                                     if config.get('mixup') else None),
@@ -299,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   eval_step = evaluator.make_eval_step(
-      eval_model, loss_fn, params_sharding=state_sharding.params,
+      eval_model.clone(moe_sharding=moe_sharding), loss_fn,
+      params_sharding=state_sharding.params,
       batch_sharding=batch_sharding, routing_stats=True)
 
   def run_fewshot(step: int) -> dict[str, float]:
