@@ -77,17 +77,7 @@ def get_config(arg=None):
   config = common.base_config(seed=a['seed'])
   config.description = (f'ViT-S/32 upcycled to V-MoE, E={a["num_experts"]}, '
                         f'K={a["k"]}, Every 2')
-  labels = common.pp_labels(NUM_CLASSES)
-  eval_pp = f'decode|resize_small(256)|central_crop(224)|{labels}'
-  config.dataset = common.ConfigDict(dict(
-      train=common.data_config(
-          name='imagenet2012', split='train[:99%]', batch_size=BATCH_SIZE,
-          process=f'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,10)|{labels}',
-          shuffle_buffer=50_000),
-      val=common.data_config(name='imagenet2012', split='train[99%:]',
-                             process=eval_pp, batch_size=BATCH_SIZE),
-      test=common.data_config(name='imagenet2012', split='validation',
-                              process=eval_pp, batch_size=BATCH_SIZE)))
+  config.dataset = common.imagenet_datasets(BATCH_SIZE, NUM_CLASSES)
   config.model = common.vmoe_model(
       variant=VARIANT, patch=32, image_size=224, num_classes=NUM_CLASSES,
       num_experts=a['num_experts'], num_selected_experts=a['k'],

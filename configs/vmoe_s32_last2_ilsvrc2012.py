@@ -31,17 +31,7 @@ def get_config(arg=None):
   a = common.parse_arg(arg, DEFAULTS)
   config = common.base_config(seed=a['seed'])
   config.description = f'ViT-S/32, E={a["num_experts"]}, K={a["k"]}, Last 2, 300 Epochs'
-  labels = common.pp_labels(NUM_CLASSES)
-  train_pp = f'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,10)|{labels}'
-  eval_pp = f'decode|resize_small(256)|central_crop(224)|{labels}'
-  config.dataset = common.ConfigDict(dict(
-      train=common.data_config(name='imagenet2012', split='train[:99%]',
-                               process=train_pp, batch_size=BATCH_SIZE,
-                               shuffle_buffer=50_000),
-      val=common.data_config(name='imagenet2012', split='train[99%:]',
-                             process=eval_pp, batch_size=BATCH_SIZE),
-      test=common.data_config(name='imagenet2012', split='validation',
-                              process=eval_pp, batch_size=BATCH_SIZE)))
+  config.dataset = common.imagenet_datasets(BATCH_SIZE, NUM_CLASSES)
   config.model = common.vmoe_model(
       variant='S', patch=32, image_size=224, num_classes=NUM_CLASSES,
       num_experts=a['num_experts'], num_selected_experts=a['k'],

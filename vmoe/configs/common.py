@@ -109,6 +109,23 @@ def pp_labels(num_classes: int) -> str:
           f'key_result="labels")|keep("image", "labels")')
 
 
+def imagenet_datasets(batch_size: int, num_classes: int = 1000) -> ConfigDict:
+  """config.dataset of the paper's ILSVRC2012 runs at 224 px: inception crop and
+  RandAugment(2, 10) for training on train[:99%], the last 1% as val, the official
+  validation split as test."""
+  labels = pp_labels(num_classes)
+  eval_pp = f'decode|resize_small(256)|central_crop(224)|{labels}'
+  return ConfigDict(dict(
+      train=data_config(
+          name='imagenet2012', split='train[:99%]', batch_size=batch_size,
+          process=f'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,10)|{labels}',
+          shuffle_buffer=50_000),
+      val=data_config(name='imagenet2012', split='train[99%:]', process=eval_pp,
+                      batch_size=batch_size),
+      test=data_config(name='imagenet2012', split='validation', process=eval_pp,
+                       batch_size=batch_size)))
+
+
 # Short names of the MoE variants the papers compare (e.g. `router=NAME` of
 # configs/digits.py): (router class, dispatcher options, MoE layer options).
 # layers='last': the same number of MoE layers, moved to the end of the encoder
