@@ -46,6 +46,10 @@ def get_config(arg=None):
   # 8 images per device keep ~15 GiB of activations for the backward pass (vmoe.plan);
   # recomputing each block from its input keeps ~1 GiB, for about one more forward pass.
   config.model.encoder.remat = 'full'
+  # One (dense, MoE) pair of blocks compiled once and scanned 24 times: compile time of
+  # a 2-block model instead of 48 (benchmarks/compile_scan.py). Checkpoints load into
+  # either layout (vmoe/nn/scan.py).
+  config.model.encoder.scan = True
   config.loss = common.ConfigDict(dict(name='sigmoid_xent'))
   config.optimizer = common.ConfigDict(dict(
       name='big_vision_adafactor', momentum_dtype='bfloat16',

@@ -63,6 +63,13 @@ def test_safetensors_export_loads_with_safetensors(params, tmp_path):
   assert export.export(params, 'safetensors', out) == [out]
   _assert_same(safetensors.numpy.load_file(out), _flat(params))
   assert os.listdir(tmp_path) == ['model.safetensors']  # No temporary file left.
+  # Shareable like any new file (safetensors itself writes 0600).
+  umask = os.umask(0o022)
+  try:
+    export.export(params, 'safetensors', out, overwrite=True)
+  finally:
+    os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o644
 
 
 def test_npz_export_loads_without_pickle(params, tmp_path):

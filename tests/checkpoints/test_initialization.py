@@ -329,3 +329,10 @@ def test_missing_legacy_shard_names_the_file(tmp_path):
   target = {'a': _sds((2,)), 'b': _sds((3,))}
   with pytest.raises(ValueError, match=r'missing data file .*ckpt.data-00001-of-00002'):
     ini.initialize(target, _random(target, 0), {'source': 'legacy', 'path': prefix})
+
+
+def test_error_reinit_rule_that_matches_nothing(vit):
+  # A typo ('^haed/'): without the check the head would load from the checkpoint.
+  with pytest.raises(ValueError, match=r"rules\[0\]=\('reinit', '\^haed/'\) matches neither "
+                     r"a checkpoint tensor nor a model param"):
+    _init(vit, rules=[('reinit', '^haed/')])

@@ -28,13 +28,16 @@ B, E = 16, 8  # 16 images of 16 tokens, one image per group: 2 groups per device
 IMAGE = (8, 8, 3)
 
 
-def model_config(router: str) -> dict:
-  moe = common.moe_config(router, layers=(0,), num_layers=1, num_experts=E, group_size=16,
-                          num_selected_experts=2, capacity_factor=1.0)
+def model_config(router: str, num_layers: int = 1, **encoder) -> dict:
+  """One MoE block; or with num_layers=4 (and scan=True), MoE in blocks 1 and 3."""
+  layers = (0,) if num_layers == 1 else tuple(range(1, num_layers, 2))
+  moe = common.moe_config(router, layers=layers, num_layers=num_layers, num_experts=E,
+                          group_size=16, num_selected_experts=2, capacity_factor=1.0)
   return dict(name='VisionTransformerMoe', num_classes=10, patch_size=(2, 2),
               hidden_size=16, classifier='gap', representation_size=None,
               head_kernel_zero_init=False,
-              encoder=dict(num_layers=1, mlp_dim=32, num_heads=1, moe=moe.to_dict()))
+              encoder=dict(num_layers=num_layers, mlp_dim=32, num_heads=1,
+                           moe=moe.to_dict(), **encoder))
 
 
 def random_params(model, seed: int):
@@ -69,11 +72,16 @@ def main():
   batch = {'image': rng.normal(size=(B,) + IMAGE).astype(np.float32),
            'labels': np.eye(10, dtype=np.float32)[rng.integers(0, 10, B)]}
   out = {}
-  for router in ROUTERS:
-    model = models.build_model(model_config(router))
+  # (router, model config, meshes): every router on every mesh; and the scanned
+  # encoder (weights [L, E, ...] of the MoE blocks under Encoder/scan_0_2x2) on one.
+  cases = [(r, model_config(r), MESHES) for r in ROUTERS] + [
+      ('scanned_top_k', model_config('top_k', num_layers=4, scan=True),
+       {'data2_expert4': MESHES['data2_expert4']})]
+  for router, config, meshes in cases:
+    model = models.build_model(config)
     params = random_params(model, seed=1)
     ref_loss, ref_grads = jax.jit(loss_fn(model))(params, batch)
-    for name, spec in MESHES.items():
+    for name, spec in meshes.items():
       mesh = mesh_lib.make_mesh(spec)
       sharded_model = model.clone(moe_sharding=mesh_lib.moe_sharding(mesh))
       param_sharding = mesh_lib.state_sharding(mesh, params)
@@ -84,7 +92,10 @@ def main():
                   out_shardings=(None, param_sharding)).lower(p, x).compile()
       loss, grads = f(p, x)
       hlo = f.as_text()
-      experts = p['Encoder']['encoderblock_0']['Moe']['Mlp']
+      is_block = lambda v: isinstance(v, dict) and 'Moe' in v
+      experts = [v['Moe']['Mlp'] for v in jax.tree.leaves(p['Encoder'], is_leaf=is_block)
+                 if is_block(v)]
+      assert experts, 'no MoE block found'
       out[f'{router}/{name}'] = {
           'loss': float(loss), 'ref_loss': float(ref_loss),
           'grads_max_rel_diff': max_rel_diff(ref_grads, grads),

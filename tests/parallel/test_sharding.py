@@ -49,6 +49,12 @@ def test_meshes_give_one_devices_loss_and_gradients(worker):
         assert r['all_to_all'] >= 2, (router, mesh, r)
       else:
         assert r['all_to_all'] == 0, (router, mesh, r)
+  # The scanned encoder: expert weights [L, E, ...] split on E alike.
+  r = worker['scanned_top_k/data2_expert4']
+  assert abs(r['loss'] - r['ref_loss']) <= TOL * max(1.0, abs(r['ref_loss'])), r
+  assert r['grads_max_rel_diff'] <= TOL and r['grads_follow_params'], r
+  assert len(r['expert_bytes']) == 3 and r['all_to_all'] >= 2, r
+  assert all(per_device == total // 4 for per_device, total in r['expert_bytes']), r
   check_train_step(worker['train_step'])
 
 

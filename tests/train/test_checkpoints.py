@@ -5,14 +5,15 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from vmoe.checkpoints import training
 from vmoe.train import optimizers
 from vmoe.train import train_state as train_state_lib
 
 
-def make_state(step=3):
-  params = {'Moe': {'Mlp': {'kernel': jnp.arange(24.0).reshape(2, 3, 4)}},
-            'head': {'bias': jnp.ones(5)}}
+def make_state(step=3, params=None):
+  params = params or {'Moe': {'Mlp': {'kernel': jnp.arange(24.0).reshape(2, 3, 4)}},
+                      'head': {'bias': jnp.ones(5)}}
   tx, _ = optimizers.create_optimizer(name='adam', total_steps=10,
                                       learning_rate=0.1, frozen_pattern='head')
   opt_state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params),
@@ -83,3 +84,18 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
   again.save(6, restored)
   again.close()
   assert sorted(os.listdir(again.directory)) == ['5', '6']
+
+
+def test_resume_with_another_scan_layout_names_the_setting(tmp_path):
+  # Written with model.encoder.scan=True (blocks 0-1 in one scan), resumed unscanned.
+  scanned = {'Encoder': {'scan_0_1x2': {'block_0': {'Mlp': {'bias': jnp.ones((2, 3))}}}}}
+  unscanned = {'Encoder': {f'encoderblock_{i}': {'Mlp': {'bias': jnp.ones(3)}}
+                           for i in range(2)}}
+  ckpt = training.TrainCheckpointer(str(tmp_path), every_steps=1)
+  ckpt.save(4, make_state(4, scanned))
+  ckpt.close()
+  again = training.TrainCheckpointer(str(tmp_path), every_steps=1)
+  with pytest.raises(ValueError, match=r'(?s)step 4 .* holds scanned \(scan_0_1x2\) '
+                     r'encoder blocks, but the model is unscanned.*model.encoder.scan'):
+    again.restore_latest(abstract(make_state(4, unscanned)))
+  again.close()

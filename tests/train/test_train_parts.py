@@ -29,14 +29,20 @@ def test_mixup_keeps_each_example_dominant(granularity):
                      concentration=0.5, granularity=granularity)
   assert x.shape == images.shape and y.shape == labels.shape
   np.testing.assert_allclose(jnp.sum(y, axis=-1), 1.0, rtol=1e-6)
-  # Example i is mixed with the next one of its shard (i+1, cyclic per half),
-  # and keeps the larger weight.
-  partner = np.array([1, 2, 3, 0, 5, 6, 7, 4])
+  # Example i is mixed with the next one (i+1), cyclic per shard (half) with 'device',
+  # over the whole batch otherwise; it keeps the larger weight.
+  partner = np.array([1, 2, 3, 0, 5, 6, 7, 4] if granularity == 'device' else
+                     [1, 2, 3, 4, 5, 6, 7, 0])
   w = np.asarray(x[:, 0, 0, 0]) - partner
   w = w / (np.arange(b) - partner)  # x = w * i + (1 - w) * partner.
   assert np.all(w >= 0.5 - 1e-5) and np.all(w <= 1 + 1e-5)
   if granularity == 'batch':
     np.testing.assert_allclose(w, w[0], rtol=1e-5)
+  if granularity != 'device':  # The mesh does not matter.
+    x1, y1 = mixup.mixup(jax.random.PRNGKey(0), images, labels, num_shards=1,
+                         concentration=0.5, granularity=granularity)
+    np.testing.assert_array_equal(x1, x)
+    np.testing.assert_array_equal(y1, y)
 
 
 def test_mixup_rejects_bad_options():

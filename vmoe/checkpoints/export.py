@@ -47,6 +47,11 @@ def _atomic(out: str, write):
   tmp = f'{out}.tmp-{uuid.uuid4().hex}'
   try:
     write(tmp)
+    # Some writers (safetensors) create their file private (0600); an export is meant to be
+    # shared, so it gets the mode of any new file: 0666 less the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):

@@ -225,6 +225,11 @@ def plan(target: Any, cfg: Mapping[str, Any]) -> Plan:
       raise ValueError(f'config.initialization.rules[{i}]={rules[i]!r} matches no '
                        f'checkpoint tensor (names there: {sorted(tensors)[:8]}...); fix or '
                        'remove it.')
+    if kind == 'reinit' and not (rules_lib.matching(tensors, args[0])
+                                 or rules_lib.matching(want, args[0])):
+      raise ValueError(f'config.initialization.rules[{i}]={rules[i]!r} matches neither a '
+                       f'checkpoint tensor nor a model param (model params: '
+                       f'{sorted(want)[:8]}...); fix or remove it.')
     tensors = rules_lib.RULES[kind](dict(tensors), ctx, *args)
   allow = {k: _allowed(cfg.get(k), k) for k in ('allow_unused', 'allow_missing',
                                                  'allow_mismatched')}

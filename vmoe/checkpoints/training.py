@@ -45,6 +45,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vmoe.nn import scan as scan_lib
+
 PyTree = Any
 
 
@@ -152,12 +154,29 @@ class TrainCheckpointer:
                         self._unreadable_dir)
       return step, state
     if errors:
+      self._check_scan_layout(max(errors), abstract_state)
       raise ValueError(
           f'No checkpoint in {self.directory} can be read: '
           + '; '.join(f'step {s}: {e}' for s, e in errors.items())
           + '. If the config changed since they were written, restore it; to '
           'start from scratch, move that directory away.')
     return None
+
+  def _check_scan_layout(self, step: int, abstract_state: PyTree):
+    """The scan-layout error (vmoe.nn.scan) if that is why `step` cannot be read.
+
+    Only called once every step failed: a changed model.encoder.scan fails them all
+    alike, and orbax's own error (a tree structure mismatch) does not say so.
+    """
+    params = getattr(abstract_state, 'params', None)
+    if params is None:
+      return
+    try:
+      saved = params_metadata(os.path.join(self.directory, str(step)))
+    except Exception:  # pylint: disable=broad-except  # Unreadable: the caller's error says why.
+      return
+    scan_lib.check_same_layout(saved, traverse_util.flatten_dict(params, sep='/'),
+                               f'Checkpoint step {step} in {self.directory}')
 
   def _check_seed(self, step: int, meta: dict):
     # Checkpoints written before the seed was stored have none: nothing to check.

@@ -3,11 +3,15 @@
     config.mixup = {concentration: float > 0, size: int >= 2 (default 2),
                     granularity: 'batch' | 'device' (default) | 'example'}
 
-Each output example is sum_i alpha_i * example_{b+i}, b+i taken cyclically
-within the example's shard of the batch (so mixing needs no communication
-between devices), alpha ~ Dirichlet(concentration), with the largest weight on
-the example itself so that no example is lost from the batch. 'batch': one
-alpha for the whole batch; 'device': one per shard; 'example': one per example.
+Each output example is sum_i alpha_i * example_{b+i}, alpha ~
+Dirichlet(concentration), with the largest weight on the example itself so that
+no example is lost from the batch. 'device' (the reference's default): one alpha
+per shard of the batch (device), b+i taken cyclically within the shard, so
+mixing needs no communication, but the result depends on the number of devices.
+'batch' (one alpha for the batch) and 'example' (one per example) take b+i
+cyclically over the whole batch: the same mixed batch on any mesh (a shard
+sends size-1 examples to its neighbour), so a run on 8 devices follows the run
+on 1 device.
 """
 import jax
 import jax.numpy as jnp
@@ -32,11 +36,12 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
           granularity: str = 'device') -> tuple[jax.Array, jax.Array]:
   """images: [B, H, W, 3], labels: [B, C] -> mixed, same shapes.
 
-  num_shards: how many shards the batch axis is split into (devices).
+  num_shards: how many shards the batch axis is split into (devices); only
+    granularity 'device' depends on it.
   """
   check_config(concentration, size, granularity)
   b = images.shape[0]
-  s = num_shards
+  s = num_shards if granularity == 'device' else 1
   alpha_shape = {'batch': (1, 1, size), 'device': (s, 1, size),
                  'example': (s, b // s, size)}[granularity]
   alpha = jax.random.dirichlet(rng, jnp.full(alpha_shape, concentration))
