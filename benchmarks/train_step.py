@@ -1,6 +1,6 @@
 r"""Images/s of a V-MoE S/32-like train step against a dense ViT of equal active FLOPs.
 
-  python benchmarks/train_step.py [--json] [--batch-sizes 32,128] \
+  python benchmarks/train_step.py [--json] [--batch-sizes 32,64,128] \
       [--dtypes float32,bfloat16] [--dispatch indices] [--group-images 8] [--repeats 5] \
       [--profile]
 
@@ -106,7 +106,7 @@ def _csv_int(s):
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--json', action='store_true', help='one JSON object per line')
-  p.add_argument('--batch-sizes', type=_csv_int, default=[32, 128])
+  p.add_argument('--batch-sizes', type=_csv_int, default=[32, 64, 128])
   p.add_argument('--group-images', type=int, default=8)
   p.add_argument('--dtypes', type=_csv, default=['float32', 'bfloat16'])
   p.add_argument('--dispatch', default='indices')
