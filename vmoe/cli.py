@@ -1,16 +1,20 @@
 """What the command-line entry points share (vmoe.main, vmoe.evaluate, vmoe.tools.*)."""
+import functools
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from vmoe.train import config_checks
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the flags; an override of a key the config lacks is a ValueError
   that lists the valid keys (config_flags would raise a bare AttributeError)."""
+  # Here, not at the top: config_checks imports TensorFlow (seconds), which
+  # `user_errors` alone (vmoe.export) needs not.
+  from vmoe.train import config_checks  # pylint: disable=g-import-not-at-top
   config_arg = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
   config_arg += [b for a, b in zip(argv[1:], argv[2:]) if a == '--config']
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv[1:]
@@ -18,7 +22,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   if config_arg and overrides:
     config = flags.FLAGS['config'].parser.parse(config_arg[-1])
     for path in overrides:
-      config_checks.check_key_path(config, path)
+      try:
+        config_checks.check_key_path(config, path)
+      except ValueError as e:
+        _exit_with(e)
   return app.parse_flags_with_usage(argv)
 
 
@@ -88,7 +95,32 @@ def initialize_distributed(mode: str = 'auto', *, coordinator_address: str | Non
   return True
 
 
+def user_errors(main):
+  """main, where bad input ends the program with one line and exit status 2.
+
+  Bad input (flags, config, files) raises ValueError, by the checks that run before
+  anything compiles or trains: the user needs its message, which names the bad value and
+  the fix, not a traceback through absl. The traceback is still logged at debug level
+  (--verbosity=1) for the case that the ValueError is a bug.
+  """
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except ValueError as e:
+      _exit_with(e)
+  return wrapped
+
+
+def _exit_with(e: ValueError):
+  logging.debug('Traceback of the error below:', exc_info=True)
+  name = '' if type(e) is ValueError else f'{type(e).__name__}: '
+  print(f'error: {name}{e}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def run(main, required=('config', 'workdir')):
-  """app.run(main) with the flag checks above; `required` flags must be given."""
+  """app.run(main) with the flag checks above and `user_errors`; `required` flags must
+  be given."""
   flags.mark_flags_as_required(list(required))
-  app.run(main, flags_parser=parse_flags)
+  app.run(user_errors(main), flags_parser=parse_flags)

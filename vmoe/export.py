@@ -10,6 +10,7 @@ format, readable by google-research/vmoe), 'safetensors' and 'npz' one file each
 from absl import app
 from absl import flags
 
+from vmoe import cli
 from vmoe import inference
 from vmoe.checkpoints import export as export_lib
 
@@ -54,6 +55,6 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  # Not vmoe.cli.run: its config checks import TensorFlow, ten seconds this needs not.
+  # Not vmoe.cli.run: its config flag checks import TensorFlow, ten seconds this needs not.
   flags.mark_flags_as_required(['format', 'out'])
-  app.run(main)
+  app.run(cli.user_errors(main))

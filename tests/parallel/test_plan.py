@@ -79,3 +79,19 @@ def test_plan_cli_json():
   p = json.loads(out.stdout.strip().splitlines()[-1])
   assert p['num_params'] == 136_522 + 2 * 7 * (64 * 128 + 128 * 64 + 128 + 64) + 2 * 64 * 8
   assert p['per_device_bytes']['params'] == 4 * p['num_params']
+
+
+@pytest.mark.parametrize('flag, message', [
+    # Caught in main: the digits config's 8 experts on an expert axis of 3.
+    ('--mesh=data:1,expert:3', "8 experts, not divisible by the mesh axis 'expert' of size 3"),
+    # Caught while parsing the flags: an override of a key the config lacks.
+    ('--config.trian_steps=3', "Unknown config key 'trian_steps'"),
+])
+def test_plan_cli_bad_input_is_one_line_and_status_2(flag, message):
+  out = subprocess.run(
+      [sys.executable, '-m', 'vmoe.plan', '--config=configs/digits.py', '--image_size=8',
+       flag], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, out.stderr[-2000:]
