@@ -23,9 +23,10 @@ bfloat16 weight casts cost per parameter per step, whatever the batch size).
 
 --profile adds where the time goes: jax.profiler traces of 3 more steps of each
 configuration, the time of each XLA op summed over threads (ms per step; XLA:CPU, whose
-trace names each HLO op: on GPU/TPU use TensorBoard's profiler instead), split by the model part its op_name names (MoE blocks, dense MLPs, attention,
-patch embedding, the rest: head, LayerNorms, loss, Adam) and into matmuls (dots and the
-XLA:CPU library calls that run them) and everything else.
+trace names each HLO op: on GPU/TPU use TensorBoard's profiler instead), split by the
+model part its op_name names (MoE blocks, dense MLPs, attention, patch embedding, the
+rest: head, LayerNorms, loss, Adam) and into matmuls (dots and the XLA:CPU library calls
+that run them) and everything else.
 
 Batch sizes are per device: the V-MoE papers train with 4096 images over 32-64 accelerator
 chips, 64-128 per device; 32 is the cheap check.
@@ -140,7 +141,7 @@ def profile(compiled, args, steps: int = 3) -> dict[str, float]:
       for _ in range(steps):
         p, opt_state, loss = compiled(*args)
         jax.block_until_ready(loss)
-        args = (p, opt_state) + tuple(args[2:])
+        args = (p, opt_state) + tuple(args[2:])  # The old ones were donated.
     data = jax.profiler.ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb',
                                                         recursive=True)[0])
     out = collections.Counter()
@@ -150,7 +151,7 @@ def profile(compiled, args, steps: int = 3) -> dict[str, float]:
           if ev.name in part:  # XLA ops only (not runtime or Python events).
             kind = 'matmul' if re.match(r'(ynn_fusion|dot|cublas|.*gemm)', ev.name) else 'other'
             out[f'{part[ev.name]}/{kind}'] += ev.duration_ns / steps / 1e6
-  return dict(sorted(out.items())), args
+  return dict(sorted(out.items()))
 
 
 def time_batch(args, batch_size: int) -> list[dict]:
@@ -175,7 +176,7 @@ def time_batch(args, batch_size: int) -> list[dict]:
   profiles = {}
   if args.profile:
     for c in configs:
-      profiles[c], _ = profile(*state[c])
+      profiles[c] = profile(*state[c])
   rows = []
   for m, dt in configs:
     t, dense = times[(m, dt)], times[('dense', dt)]

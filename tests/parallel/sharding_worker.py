@@ -40,6 +40,10 @@ def model_config(router: str, num_layers: int = 1, **encoder) -> dict:
                            moe=moe.to_dict(), **encoder))
 
 
+def is_moe_block(v) -> bool:
+  return isinstance(v, dict) and 'Moe' in v
+
+
 def random_params(model, seed: int):
   """Params of the model's shapes, drawn with numpy: no init to compile (the checks
   compare the same params on different meshes, whatever their values)."""
@@ -92,9 +96,8 @@ def main():
                   out_shardings=(None, param_sharding)).lower(p, x).compile()
       loss, grads = f(p, x)
       hlo = f.as_text()
-      is_block = lambda v: isinstance(v, dict) and 'Moe' in v
-      experts = [v['Moe']['Mlp'] for v in jax.tree.leaves(p['Encoder'], is_leaf=is_block)
-                 if is_block(v)]
+      experts = [v['Moe']['Mlp'] for v in jax.tree.leaves(p['Encoder'], is_leaf=is_moe_block)
+                 if is_moe_block(v)]
       assert experts, 'no MoE block found'
       out[f'{router}/{name}'] = {
           'loss': float(loss), 'ref_loss': float(ref_loss),

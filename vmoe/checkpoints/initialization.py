@@ -219,17 +219,15 @@ def plan(target: Any, cfg: Mapping[str, Any]) -> Plan:
   ctx = rules_lib.Context(want)
   rules = rules_lib.check_rules(cfg.get('rules'))
   for i, (kind, *args) in enumerate(rules):
-    # A rule that matches nothing is almost always a typo (reinit may target fresh
-    # params only, e.g. a head the checkpoint lacks).
-    if kind != 'reinit' and not rules_lib.matching(tensors, args[0]):
-      raise ValueError(f'config.initialization.rules[{i}]={rules[i]!r} matches no '
-                       f'checkpoint tensor (names there: {sorted(tensors)[:8]}...); fix or '
-                       'remove it.')
-    if kind == 'reinit' and not (rules_lib.matching(tensors, args[0])
-                                 or rules_lib.matching(want, args[0])):
-      raise ValueError(f'config.initialization.rules[{i}]={rules[i]!r} matches neither a '
-                       f'checkpoint tensor nor a model param (model params: '
-                       f'{sorted(want)[:8]}...); fix or remove it.')
+    # A rule that matches nothing is almost always a typo; reinit may also name params
+    # the checkpoint lacks (e.g. a new head).
+    if not (rules_lib.matching(tensors, args[0])
+            or kind == 'reinit' and rules_lib.matching(want, args[0])):
+      what, label, names = (
+          ('neither a checkpoint tensor nor a model param', 'model params', want)
+          if kind == 'reinit' else ('no checkpoint tensor', 'names there', tensors))
+      raise ValueError(f'config.initialization.rules[{i}]={rules[i]!r} matches {what} '
+                       f'({label}: {sorted(names)[:8]}...); fix or remove it.')
     tensors = rules_lib.RULES[kind](dict(tensors), ctx, *args)
   allow = {k: _allowed(cfg.get(k), k) for k in ('allow_unused', 'allow_missing',
                                                  'allow_mismatched')}
