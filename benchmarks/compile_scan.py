@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from vmoe.configs import common
 from vmoe.nn import models
 
 
@@ -29,14 +30,15 @@ def model_config(num_layers: int, scan: bool, remat: str) -> dict:
   return dict(num_classes=10, patch_size=(8, 8), hidden_size=64, encoder=dict(
       num_layers=num_layers, mlp_dim=128, num_heads=4, dropout_rate=0.1, scan=scan,
       remat=remat, moe=dict(
-          layers=models.every_n(2, num_layers), num_experts=8, group_size=17 * 4,
+          layers=common.every_n(2, num_layers), num_experts=8, group_size=17 * 4,
           router=dict(num_selected_experts=2, noise_std=1.0,
                       dispatcher=dict(name='indices', capacity_factor=1.05)))))
 
 
 def compile_seconds(num_layers: int, scan: bool, remat: str) -> tuple[float, float]:
   """(wall, CPU) seconds to lower and compile the train step's gradient."""
-  model = models.build_model(model_config(num_layers, scan, remat))
+  model = models.build(models.resolve(model_config(num_layers, scan, remat),
+                                      image_size=(32, 32)))
   images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
   params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)['params'], images)
 

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from vmoe.nn import mlp as mlp_lib
+from vmoe.nn import models
 from vmoe.nn import moe as moe_lib
 
 B, T, D, H, E, K, CF = 32, 196, 768, 3072, 8, 2, 1.05
@@ -63,8 +64,10 @@ def build(path: str, group_size: int, dtype: str):
   # Training-time gating noise: N(0, (noise_std / E)^2) on the router logits.
   router = {'name': 'NoisyTopExpertsPerItemRouter', 'num_selected_experts': K,
             'noise_std': 1.0, 'dispatcher': dict(PATHS[path], capacity_factor=CF)}
-  layer = lambda s: moe_lib.MoeLayer(mlp_dim=H, num_experts=E, group_size=s, router=router,
-                                     split_rngs=True, compute_dtype=dtype)
+  layer = lambda s: moe_lib.MoeLayer(
+      models.resolve_moe(dict(layers=(0,), num_experts=E, group_size=s, split_rngs=True,
+                              router=router), tokens_per_image=T),
+      mlp_dim=H, compute_dtype=dtype)
   return layer(group_size), layer(T)
 
 

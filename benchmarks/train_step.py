@@ -45,10 +45,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vmoe.configs import common
 from vmoe.nn import models
 
 IMAGE, PATCH, WIDTH, HEADS, LAYERS, MLP, E, K, CF = 224, 32, 384, 6, 8, 1536, 8, 2, 1.05
-MOE_LAYERS = models.every_n(2, LAYERS)  # (1, 3, 5, 7)
+MOE_LAYERS = common.every_n(2, LAYERS)  # (1, 3, 5, 7)
 # Dense MLP width with the V-MoE's active MLP FLOPs per token, spread over every block.
 DENSE_MLP = MLP * (LAYERS - len(MOE_LAYERS) + K * len(MOE_LAYERS)) // LAYERS  # 2304
 TOKENS = (IMAGE // PATCH) ** 2 + 1
@@ -72,7 +73,8 @@ def model_config(model: str, dtype: str, dispatch: str, group_images: int) -> di
 
 def make_step(model: str, dtype: str, dispatch: str, group_images: int, batch_size: int):
   """(compiled train step, its first arguments)."""
-  net = models.build_model(model_config(model, dtype, dispatch, group_images))
+  net = models.build(models.resolve(model_config(model, dtype, dispatch, group_images),
+                                    image_size=(IMAGE, IMAGE)))
   kp, ki, kl, kr = jax.random.split(jax.random.key(0), 4)
   images = jax.random.normal(ki, (batch_size, IMAGE, IMAGE, 3))
   labels = jax.random.randint(kl, (batch_size,), 0, NUM_CLASSES)

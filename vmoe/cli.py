@@ -1,20 +1,29 @@
-"""What the command-line entry points share (vmoe.main, vmoe.evaluate, vmoe.tools.*)."""
+"""What the command-line entry points share (vmoe.main, vmoe.evaluate, vmoe.plan,
+vmoe.export, vmoe.tools.*): flags, the log file, multi-process start-up, user errors.
+
+The terminal shows what a person needs (vmoe.utils.console: progress, results), the
+warnings and the errors; the full logs (absl and every library's Python logging, INFO and
+up, and the C++ lines TensorFlow and XLA print while they load) go to a log file
+(`log_to_file`), and also to the terminal with --alsologtostderr.
+"""
+import contextlib
 import functools
+import io
 import logging as std_logging
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
 from absl import logging
+from vmoe.utils import dotted
+from vmoe.utils import files
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the flags; an override of a key the config lacks is a ValueError
   that lists the valid keys (config_flags would raise a bare AttributeError)."""
-  # Here, not at the top: config_checks imports TensorFlow (seconds), which
-  # `user_errors` alone (vmoe.export) needs not.
-  from vmoe.train import config_checks  # pylint: disable=g-import-not-at-top
   config_arg = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
   config_arg += [b for a, b in zip(argv[1:], argv[2:]) if a == '--config']
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv[1:]
@@ -23,21 +32,74 @@ def parse_flags(argv: list[str]) -> list[str]:
     config = flags.FLAGS['config'].parser.parse(config_arg[-1])
     for path in overrides:
       try:
-        config_checks.check_key_path(config, path)
+        dotted.check_path(config, path)
       except ValueError as e:
         _exit_with(e)
   return app.parse_flags_with_usage(argv)
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's INFO lines (dozens per checkpoint); keeps its warnings."""
+def log_to_file(program: str, workdir: str | None = None, *,
+                tensorflow: bool = True) -> str:
+  """Sends the logs to WORKDIR/logs/PROGRAM.log (PROGRAM.process<i>.log for process
+  i > 0; without a workdir, --log_dir or the temp dir), appending: INFO and up, Python
+  warnings included. The terminal keeps warnings and errors (--stderrthreshold, default
+  'warning'; everything with --alsologtostderr). Returns the file's path.
 
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+  Call it first in main(), before importing what loads TensorFlow: JAX's backends start
+  and (with `tensorflow`) TensorFlow loads here, their C++ start-up lines (which bypass
+  Python's logging) going to the file too.
+  """
+  if workdir:
+    directory = os.path.join(workdir, 'logs')
+    files.check_writable(workdir, workdir, directory)
+  else:
+    directory = flags.FLAGS.log_dir or tempfile.gettempdir()
+  handler = logging.get_absl_handler().python_handler
+  early = io.StringIO()  # What is logged before the file's name (the process) is known.
+  handler.setStream(early)
+  with _native_stderr() as native:
+    import jax  # pylint: disable=g-import-not-at-top
+    index = jax.process_index()  # Starts the backends (after jax.distributed).
+    if tensorflow:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  path = os.path.join(directory, program + (f'.process{index}' if index else '') + '.log')
+  log = open(path, 'a', buffering=1)  # pylint: disable=consider-using-with
+  log.write(early.getvalue() + ''.join(native))
+  handler.setStream(log)
+  if not flags.FLAGS['stderrthreshold'].present:
+    flags.FLAGS.stderrthreshold = 'warning'
+  std_logging.captureWarnings(True)
+  return path
 
 
-def quiet_orbax():
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+@contextlib.contextmanager
+def _native_stderr():
+  """Inside: what C++ code writes to file descriptor 2 is captured (the yielded list
+  holds it after the block); Python's sys.stderr still reaches the terminal."""
+  text = []
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile('w+') as capture:
+    os.dup2(capture.fileno(), 2)
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), 'w', buffering=1)
+    try:
+      yield text
+    finally:
+      sys.stderr.close()
+      sys.stderr = python_stderr
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text.append(capture.read())
+
+
+def check_single_process(tool: str):
+  """Tools that gather per-example outputs on one host run as one process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise ValueError(f'{tool} gathers per-example outputs on one host; run it as one '
+                     f'process (it uses all local devices), not {jax.process_count()}.')
 
 
 DISTRIBUTED_MODES = ('auto', 'on', 'off')

@@ -11,8 +11,9 @@ from absl import app
 from absl import flags
 
 from vmoe import cli
-from vmoe import inference
 from vmoe.checkpoints import export as export_lib
+from vmoe.checkpoints import sources
+from vmoe.utils import console
 
 
 def run(*, workdir: str | None, checkpoint: str | None, fmt: str, out: str,
@@ -29,7 +30,7 @@ def run(*, workdir: str | None, checkpoint: str | None, fmt: str, out: str,
   old = export_lib.outputs(fmt, out)
   if old and not overwrite:  # Before reading a possibly large checkpoint.
     raise ValueError(f'{old[0]} already exists; choose another --out or pass --overwrite.')
-  params = inference.load_params(checkpoint or workdir)
+  _, params = sources.load_params(checkpoint or workdir)
   return export_lib.export(params, fmt, out, num_shards=num_shards, overwrite=overwrite)
 
 
@@ -37,9 +38,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  console.say(f"Full logs: {cli.log_to_file('export', f.workdir, tensorflow=False)}")
   files = run(workdir=f.workdir, checkpoint=f.checkpoint, fmt=f.format, out=f.out,
               num_shards=f.num_shards, overwrite=f.overwrite)
-  print('Wrote ' + ', '.join(files), flush=True)
+  console.say('Wrote ' + ', '.join(files))
 
 
 def define_flags():
@@ -55,6 +57,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  # Not vmoe.cli.run: its config flag checks import TensorFlow, ten seconds this needs not.
-  flags.mark_flags_as_required(['format', 'out'])
-  app.run(cli.user_errors(main))
+  cli.run(main, required=('format', 'out'))

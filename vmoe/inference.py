@@ -1,13 +1,11 @@
 """`load_classifier`: a released (or our own) checkpoint as a numpy-in, numpy-out function."""
-import os
 from typing import Any, Callable, Mapping, Optional
 
+from flax import traverse_util
 import jax
 import numpy as np
-from flax import traverse_util
 
-from vmoe.checkpoints import legacy
-from vmoe.checkpoints import training
+from vmoe.checkpoints import sources
 from vmoe.nn import models
 
 
@@ -27,48 +25,37 @@ def check_params(params: Mapping[str, Any], expected: Mapping[str, Any], source:
                      + '. Check model_config (sizes, moe.layers, num_experts, classifier).')
 
 
-def load_params(checkpoint: str) -> dict:
-  """Params tree of `checkpoint`: a legacy prefix (PREFIX.index + PREFIX.data-*, as
-  released by Google), one of our checkpoints (WORKDIR/checkpoints/<step>) or a
-  workdir (its latest checkpoint)."""
-  if os.path.exists(checkpoint + '.index'):
-    return legacy.restore(checkpoint)
-  if os.path.isdir(os.path.join(checkpoint, 'state')):
-    return training.load_step_params(checkpoint)
-  if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
-    return training.load_latest_params(checkpoint)[1]
-  raise ValueError(f'No checkpoint at {checkpoint!r}: expected a legacy prefix with '
-                   f'{checkpoint}.index next to its {checkpoint}.data-NNNNN-of-NNNNN files, '
-                   'a checkpoint directory WORKDIR/checkpoints/<step>, or a WORKDIR.')
-
-
 def load_classifier(checkpoint: str, model_config: Any,
                     overrides: Optional[Mapping[str, Any]] = None
                     ) -> Callable[[np.ndarray], np.ndarray]:
   """Returns f(images float32 [B, H, W, 3]) -> logits float32 [B, classes], eval mode.
 
+  checkpoint: a released legacy prefix (PREFIX.index + PREFIX.data-*), one of our
+    checkpoint directories (WORKDIR/checkpoints/<step>) or a WORKDIR (its latest).
   model_config: dict or ConfigDict in the reference's schema (`model_kwargs`).
   overrides: dotted keys to change at test time, e.g.
     {'encoder.moe.router.dispatcher.capacity_factor': 0.5}.
   The function is jitted (one compilation per input shape).
   """
-  config = models.apply_overrides(config=model_config, overrides=overrides or {})
-  model = models.build_model(config)
-  params = jax.device_put(load_params(checkpoint))
-  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
-  checked = set()
+  models.resolve(model_config, overrides=overrides)  # A bad config fails before any read.
+  where, params = sources.load_params(checkpoint)
+  params = jax.device_put(params)
+  applies = {}  # Image size -> the jitted model for it.
 
   def classify(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [B, H, W, 3], got shape {images.shape}.')
-    if images.shape not in checked:
-      models.check_input(config, images.shape[0], images.shape[1:3])
-      spec = jax.ShapeDtypeStruct(images.shape, np.float32)
+    size = images.shape[1:3]
+    spec = models.resolve(model_config, image_size=size, overrides=overrides)
+    spec.groups(images.shape[0])
+    if size not in applies:
+      model = models.build(spec)
+      shapes = jax.ShapeDtypeStruct(images.shape, np.float32)
       expected = jax.eval_shape(
-          lambda x: model.init(jax.random.PRNGKey(0), x, train=False), spec)['params']
-      check_params(params, expected, checkpoint)
-      checked.add(images.shape)
-    return np.asarray(apply(params, images))
+          lambda x: model.init(jax.random.PRNGKey(0), x, train=False), shapes)['params']
+      check_params(params, expected, where)
+      applies[size] = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
+    return np.asarray(applies[size](params, images))
 
   return classify

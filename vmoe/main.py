@@ -12,7 +12,9 @@ process reads its own shard of the data; checkpoints are written together.
 
 Running again with the same --workdir resumes from its latest checkpoint.
 TensorBoard: `tensorboard --logdir WORKDIR`. The final eval metrics are printed
-and written to WORKDIR/final_metrics.json.
+and written to WORKDIR/final_metrics.json. The terminal shows the progress, the
+evaluations, warnings and errors; the full logs are in WORKDIR/logs/main.log
+(--alsologtostderr also prints them).
 """
 from absl import app
 from absl import flags
@@ -20,7 +22,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 from vmoe import cli
-from vmoe.train import trainer
+from vmoe.utils import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally with an argument: FILE.py[:ARG].',
@@ -51,7 +53,10 @@ def main(argv):
       _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
       heartbeat_timeout=_HEARTBEAT.value)
-  cli.quiet_orbax()
+  log = cli.log_to_file('main', _WORKDIR.value)
+  # After the log file: TensorFlow's C++ start-up lines go there (cli.log_to_file).
+  from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
+  console.say(f'Full logs: {log}')
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(),
                jax.process_index(), jax.process_count())
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -20,89 +20,89 @@ E); 'dots' saves nearly everything counted, so it is counted as no remat. An est
 XLA fuses and frees some of these and keeps other temporaries; it is the right order of
 magnitude, not a bound.
 """
+import dataclasses
 import json
 import math
-from typing import Any, Mapping
+import sys
 
+from absl import app
+from absl import flags
 import jax
-import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
-from vmoe.nn import models
+from vmoe import cli
+from vmoe.nn import moe as moe_lib
+from vmoe.nn import spec as spec_lib
 from vmoe.parallel import rules
-from vmoe.train import optimizers
+from vmoe.utils import checks
+from vmoe.utils import paths
 
 
 def _bytes(tree) -> int:
   return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def activation_bytes(model_config: Mapping[str, Any], batch_per_device: float,
-                     image_size: int) -> float:
-  """The estimate of the module docstring, in bytes."""
-  c = models.validate(model_config)
-  enc = c['encoder']
-  (ph, pw), d, h = c['patch_size'], c['hidden_size'], enc['mlp_dim']
-  t = (image_size // ph) * (image_size // pw) + (c.get('classifier', 'token') == 'token')
-  moe = enc.get('moe') or {}
-  router = moe.get('router') or {}
-  k = router.get('num_selected_experts', 1)
-  cf = (router.get('dispatcher') or {}).get('capacity_factor') or router.get(
-      'capacity_factor') or 1.0
-  moe_layers = set(moe.get('layers') or ())
-  full = [10 * d + enc['num_heads'] * t + (k * cf * (2 * h + 2 * d) if i in moe_layers
-                                           else 2 * h) for i in range(enc['num_layers'])]
-  remat = enc.get('remat', 'none')
-  if remat in ('none', 'dots'):
+def activation_bytes(spec: spec_lib.ModelSpec, batch_per_device: float) -> float:
+  """The estimate of the module docstring, in bytes, for a model resolved for its images."""
+  enc, d, t = spec.encoder, spec.hidden_size, spec.tokens_per_image
+  h, moe = enc.mlp_dim, enc.moe
+  # Buffer slots per token: K x the capacity factor (Soft MoE: its own factor).
+  slots = moe.num_selected_experts * (moe.capacity_rule.factor or 1.0) if moe else 0
+  full = [10 * d + enc.num_heads * t + (slots * (2 * h + 2 * d) if enc.moe_at(i) else 2 * h)
+          for i in range(enc.num_layers)]
+  if enc.remat in ('none', 'dots'):
     per_token = sum(full)
   else:
-    kept = [d if remat == 'full' else
-            (5 * d + moe['num_experts'] if i in moe_layers else 6 * d + h)
-            for i in range(enc['num_layers'])]
+    kept = [d if enc.remat == 'full' else
+            (5 * d + moe.num_experts if enc.moe_at(i) else 6 * d + h)
+            for i in range(enc.num_layers)]
     per_token = sum(kept) + max(full)
   return 4.0 * batch_per_device * t * per_token
 
 
-def plan(config, mesh: Mapping[str, int] | str, *, image_size: int = 224,
-         fsdp: bool = False) -> dict:
+def plan(config, mesh, *, image_size: int = 224, fsdp: bool = False) -> dict:
   """{'num_params', 'num_expert_params', 'mesh', 'batch_per_device', 'per_device_bytes':
-  {'params', 'optimizer', 'gradients', 'activations', 'total'}, 'total_bytes': {...}}."""
+  {'params', 'optimizer', 'gradients', 'activations', 'total'}, 'total_bytes': {...}}.
+
+  mesh: {axis: size} or 'data:16,expert:32', every size given (the devices planned for).
+  The config is resolved for that many devices (batch and MoE groups per device checked)
+  and its model for square images of `image_size`."""
+  # Here: vmoe.train loads TensorFlow, whose start-up lines main() sends to the log file.
+  # pylint: disable=g-import-not-at-top
+  from vmoe.train import config as config_lib
+  from vmoe.train import trainer
+  # pylint: enable=g-import-not-at-top
   mesh = rules.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
   if any(v == -1 for v in mesh.values()):
     raise ValueError(f'Mesh {mesh}: give every axis a size to plan for (no -1).')
   shape = rules.mesh_shape(mesh, math.prod(mesh.values()))
-  devices = math.prod(shape.values())
-  model_config = models.validate(config.model)
-  model = models.build_model(model_config)
-  # Params do not depend on the batch; one MoE group of whole images is the smallest
-  # batch the model accepts.
-  (ph, pw) = model_config['patch_size']
-  tokens = (image_size // ph) * (image_size // pw) + (model_config['classifier'] == 'token')
-  group = (model_config['encoder'].get('moe') or {}).get('group_size') or tokens
-  images = jax.ShapeDtypeStruct((max(1, group // tokens), image_size, image_size, 3),
-                                jnp.float32)
-  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                          images)['params']
-  rules.check_experts(params, shape)
-  tx, _ = optimizers.create_optimizer(**config.optimizer.to_dict(), total_steps=1_000_000)
-  opt_state = jax.eval_shape(tx.init, params)
+  c = {**checks.to_dict(config), 'mesh': shape, 'fsdp': fsdp}
+  run = config_lib.resolve(c, num_devices=math.prod(shape.values()))
+  train = run.entry('dataset.train')
+  batch = train.config.batch_size
+  run = config_lib.with_inputs(run, {'dataset.train': {
+      'image': (batch, image_size, image_size, 3), 'labels': (batch, run.model.num_classes)}})
+  # The schedule's length does not change a shape (train_epochs runs have no steps yet).
+  p = trainer.parts(dataclasses.replace(run, train_steps=run.train_steps or sys.maxsize))
+  params, opt_state = p.abstract_state.params, p.abstract_state.opt_state
   param_specs = rules.partition_specs(params, shape, fsdp=fsdp)
   opt_specs = rules.partition_specs(opt_state, shape, fsdp=fsdp)
-  batch = config.dataset.train.batch_size / devices
   per_device = {
       'params': rules.bytes_per_device(params, param_specs, shape),
       'optimizer': rules.bytes_per_device(opt_state, opt_specs, shape),
       'gradients': rules.bytes_per_device(params, param_specs, shape),
-      'activations': int(activation_bytes(model_config, batch, image_size)),
+      'activations': int(activation_bytes(run.entry('dataset.train').model,
+                                          train.images_per_device)),
   }
   per_device['total'] = sum(per_device.values())
-  expert = sum(math.prod(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-               if '/Moe/Mlp/' in '/' + rules.path_of(p) + '/')
+  expert = sum(math.prod(x.shape) for name, x in paths.flat(params).items()
+               if moe_lib.is_expert_param(name))
   return {
       'num_params': int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
       'num_expert_params': int(expert),
       'mesh': shape,
-      'batch_per_device': batch,
+      'batch_per_device': batch / math.prod(shape.values()),
       'per_device_bytes': per_device,
       'total_bytes': {'params': _bytes(params), 'optimizer': _bytes(opt_state)},
   }
@@ -118,19 +118,15 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  cli.log_to_file('plan')
   p = plan(f.config, f.mesh, image_size=f.image_size, fsdp=f.fsdp)
   print(json.dumps(p) if f.json else format_plan(p), flush=True)
 
 
 if __name__ == '__main__':
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from vmoe import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file of the model to plan.')
   flags.DEFINE_string('mesh', 'data:1', 'Mesh, e.g. data:16,expert:32.')
   flags.DEFINE_integer('image_size', 224, 'Square image size of the train inputs.')

@@ -6,8 +6,10 @@ import scipy.stats
 import jax
 import jax.numpy as jnp
 
+from vmoe.nn import models
 from vmoe.nn import routers
 from vmoe.nn import routing
+from vmoe.nn.routers import common
 
 # Jitted once per shape: op-by-op execution would compile every primitive separately.
 top_experts = jax.jit(routing.top_experts_per_item, static_argnums=(1, 2, 3))
@@ -24,12 +26,12 @@ top_items = jax.jit(routing.top_items_per_expert, static_argnums=(1,))
     (10, 4, 0.01, 'ceil', None, 1),
 ])
 def test_compute_capacity(tokens, experts, cf, ceil_or_round, multiple_of, expected):
-  assert routing.compute_capacity(tokens, experts, cf, ceil_or_round, multiple_of) == expected
+  assert models.compute_capacity(tokens, experts, cf, ceil_or_round, multiple_of) == expected
 
 
 def test_capacity_below_one_is_an_error():
   with pytest.raises(ValueError, match='capacity_factor=0.01'):
-    routing.compute_capacity(10, 4, 0.01, 'round', None)
+    models.compute_capacity(10, 4, 0.01, 'round', None)
 
 
 def _per_token(r: routing.SparseRouting, s: int):
@@ -104,21 +106,20 @@ def test_auxiliary_losses_match_numpy():
   logits = rng.normal(size=(3, 20, 6)).astype(np.float32)
   noisy = logits + rng.normal(scale=1 / 6, size=logits.shape).astype(np.float32)
   gates = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  np.testing.assert_allclose(routers.importance_loss(gates), _np_cv2(gates.sum(1)), rtol=1e-5)
+  np.testing.assert_allclose(common.importance_loss(gates), _np_cv2(gates.sum(1)), rtol=1e-5)
   top1 = np.eye(6)[gates.argmax(-1)]
-  np.testing.assert_allclose(routers.gshard_loss(gates),
+  np.testing.assert_allclose(common.gshard_loss(gates),
                              6 * np.sum(gates.mean(1) * top1.mean(1), -1), rtol=1e-5)
   threshold = np.sort(noisy, axis=-1)[..., -2:-1]  # 2nd largest noisy logit (K=2).
   p = 1 - scipy.stats.norm.cdf((threshold - logits) / (1 / 6))
-  np.testing.assert_allclose(routers.load_loss(logits, noisy, 1 / 6, 2), _np_cv2(p.mean(1)),
+  np.testing.assert_allclose(common.load_loss(logits, noisy, 1 / 6, 2), _np_cv2(p.mean(1)),
                              rtol=1e-4)
 
 
 def test_router_metrics_and_noise_only_in_training():
   router = routers.NoisyTopExpertsPerItemRouter(
       num_experts=4, num_selected_experts=2, importance_loss_weight=0.5,
-      load_loss_weight=0.25, gshard_loss_weight=0.125,
-      dispatcher={'capacity_factor': 1.0})
+      load_loss_weight=0.25, gshard_loss_weight=0.125, capacity=4)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
   params = router.init(jax.random.PRNGKey(1), x, train=False)
   _, m_eval = router.apply(params, x, train=False)
@@ -138,6 +139,6 @@ def test_router_metrics_and_noise_only_in_training():
 
 def test_routing_metrics_count_dropped_tokens():
   r = top_experts(GATES_K1, 1, 2, False)
-  m = routers.routing_metrics(r, 6)
+  m = common.routing_metrics(r, 6)
   np.testing.assert_allclose(m['dropped_tokens'], [1 / 6])
   np.testing.assert_allclose(m['expert_load'], [[2 / 5, 2 / 5, 1 / 5]])

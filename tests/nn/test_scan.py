@@ -9,6 +9,7 @@ import pytest
 
 from vmoe.checkpoints import export
 from vmoe.checkpoints import initialization
+from vmoe.configs import common
 from vmoe.nn import models
 from vmoe.nn import scan
 from vmoe.nn.scan import Segment
@@ -51,17 +52,18 @@ def init(model):
 
 @functools.cache
 def unscanned_params(layout):
-  return init(models.build_model(config(layout)))
+  return init(models.build_model(config(layout), IMAGES.shape[1:3]))
 
 
 @functools.cache
 def unscanned(layout):
   """(grads, (logits, metrics, intermediates)) of the unscanned model, no remat."""
-  return loss_and_grads(models.build_model(config(layout)), unscanned_params(layout))
+  return loss_and_grads(models.build_model(config(layout), IMAGES.shape[1:3]),
+                        unscanned_params(layout))
 
 
 def scanned_params(layout, **encoder):
-  model = models.build_model(config(layout, scan=True, **encoder))
+  model = models.build_model(config(layout, scan=True, **encoder), IMAGES.shape[1:3])
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), IMAGES)['params'])
   params = scan.scan_tree(unscanned_params(layout), scan.segments_of(flat(shapes)))
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, shapes)
@@ -75,7 +77,7 @@ def assert_close(a, b, atol=1e-6):
 
 def test_layout():
   assert scan.layout((False, True) * 24) == (Segment(0, 2, 24),)
-  last2 = [i in models.last_n(2, 12) for i in range(12)]
+  last2 = [i in common.last_n(2, 12) for i in range(12)]
   assert scan.layout(last2) == (Segment(0, 1, 8), Segment(8, 2, 2))
   assert scan.layout([True, False, False]) == (Segment(1, 1, 2),)  # Block 0 unscanned.
   assert scan.layout([False, True, False]) == ()
@@ -90,7 +92,7 @@ def test_scan_and_remat_same_logits_metrics_grads(scanned, remat):
     names = {n.split('/')[1] for n in flat(params) if n.startswith('Encoder/')}
     assert names == {'scan_0_1x2', 'scan_2_2x2', 'posembed_input', 'encoder_norm'}
   else:
-    model = models.build_model(config('last2', remat=remat))
+    model = models.build_model(config('last2', remat=remat), IMAGES.shape[1:3])
     params = unscanned_params('last2')
   grads, (logits, metrics, inter) = unscanned('last2')
   grads_s, (logits_s, metrics_s, inter_s) = loss_and_grads(model, params)
@@ -156,12 +158,12 @@ def test_initialization_and_export_either_way(tmp_path):
 ])
 def test_bad_options(key, value, match):
   with pytest.raises(ValueError, match=match):
-    models.build_model(config(**{key: value}))
+    models.resolve(config(**{key: value}))
 
 
 def test_bool_remat_and_layout_check():
-  assert models.validate(config(remat=True))['encoder']['remat'] == 'full'
-  assert models.validate(config(remat=False))['encoder']['remat'] == 'none'
+  assert models.resolve(config(remat=True)).encoder.remat == 'full'
+  assert models.resolve(config(remat=False)).encoder.remat == 'none'
   with pytest.raises(ValueError, match=r'holds scanned \(scan_0_2x2\) encoder blocks, but '
                                        'the model is unscanned'):
     scan.check_same_layout(['Encoder/scan_0_2x2/block_0/Mlp/Dense_0/bias'],

@@ -101,9 +101,9 @@ class Runs:
       time.sleep(0.002)
 
   def final_params(self, workdir: str) -> dict:
-    from vmoe.checkpoints import training  # pylint: disable=g-import-not-at-top
-    step, params = training.load_latest_params(workdir)
-    assert step == self.train_steps
+    from vmoe.checkpoints import sources  # pylint: disable=g-import-not-at-top
+    where, params = sources.load_params(workdir)
+    assert where.endswith(f'/checkpoints/{self.train_steps}')
     return params
 
   @staticmethod
@@ -159,7 +159,7 @@ def runs(digits_data_dir, tmp_path_factory) -> Runs:
 
 @pytest.fixture(scope='session')
 def reference(runs, tmp_path_factory) -> types.SimpleNamespace:
-  """The uninterrupted run: its workdir and stdout. Tests must not change it."""
+  """The uninterrupted run: its workdir, stdout and stderr. Tests must not change it."""
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  stdout, _ = runs.finish(runs.start(workdir))
-  return types.SimpleNamespace(workdir=workdir, stdout=stdout)
+  stdout, stderr = runs.finish(runs.start(workdir))
+  return types.SimpleNamespace(workdir=workdir, stdout=stdout, stderr=stderr)

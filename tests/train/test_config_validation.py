@@ -2,9 +2,10 @@
 with one ValueError that names the key.
 
 Each case changes one thing of configs/digits.py (as a plain dict, so that any
-type can be put in, as a config file can) and runs the trainer's three checks:
-check_config, check_data (TFDS metadata) and check_inputs (the shapes of the
-first batches: digits gives 8x8x3 images and 10-class one-hot labels).
+type can be put in, as a config file can) and runs the trainer's three stages of
+vmoe.train.config: resolve (the config alone), with_data (TFDS metadata) and
+with_inputs (the shapes of the first batches: digits gives 8x8x3 images and
+10-class one-hot labels).
 """
 import contextlib
 import copy
@@ -13,7 +14,7 @@ import os
 import jax
 import pytest
 from vmoe.configs import common
-from vmoe.train import config_checks
+from vmoe.train import config as config_lib
 from vmoe.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,11 +143,10 @@ def mutate(config: dict, key: str, value) -> dict:
   return config
 
 
-def digits_shapes(config: dict, num_processes: int = 1) -> dict:
-  """The first batches' shapes of every data entry of a digits config."""
-  return {name: {'image': (cfg['batch_size'] // num_processes, 8, 8, 3),
-                 'labels': (cfg['batch_size'] // num_processes, 10)}
-          for name, cfg in config_checks.data_entries(config).items()}
+def digits_shapes(run: config_lib.Run, num_processes: int = 1) -> dict:
+  """The first batches' shapes of every dataset of a digits run."""
+  return {d.name: {'image': (d.config.batch_size // num_processes, 8, 8, 3),
+                   'labels': (d.config.batch_size // num_processes, 10)} for d in run.data}
 
 
 @contextlib.contextmanager
@@ -161,11 +161,10 @@ def nothing_compiled():
   assert not [e for e in events if '/jax/core/compile/' in e], events
 
 
-def check_all(config: dict, num_devices: int = 1):
+def check_all(config: dict, num_devices: int = 1) -> config_lib.Run:
   """What the trainer checks before compiling, in its order."""
-  config_checks.check_config(config, num_devices=num_devices)
-  config_checks.check_data(config)
-  config_checks.check_inputs(config, digits_shapes(config), num_devices=num_devices)
+  run = config_lib.with_data(config_lib.resolve(config, num_devices=num_devices))
+  return config_lib.with_inputs(run, digits_shapes(run))
 
 
 @pytest.fixture(autouse=True)
@@ -175,8 +174,18 @@ def tfds_data_dir(digits_data_dir, monkeypatch):
 
 @pytest.mark.parametrize('num_devices', [1, 2, 8])
 def test_the_unchanged_config_passes(num_devices):
+  before = copy.deepcopy(DIGITS)
   with nothing_compiled():
-    check_all(DIGITS, num_devices)
+    run = check_all(DIGITS, num_devices)
+  assert DIGITS == before  # Validation never edits the config.
+  train = run.entry('dataset.train')
+  assert train.images_per_device == 128 // num_devices
+  assert train.groups_per_device == 128 // num_devices // 4  # 4 images of 16 tokens each.
+  moe = train.model.encoder.moe
+  assert (moe.tokens_per_image, moe.capacity) == (16, 20)  # ceil(64 x 2 x 1.05 / 8) -> 20.
+  assert [d.name for d in run.data] == ['dataset.train', 'dataset.test', 'fewshot.train',
+                                        'fewshot.test']
+  assert run.train_steps == 2000 and run.rng_names == ('dropout', 'gating')
 
 
 def test_there_are_enough_cases():
@@ -205,7 +214,7 @@ def test_the_trainer_rejects_before_compiling(key, value, message, tmp_path):
 def test_epochs_check_the_schedule_against_the_dataset_size():
   # 1,437 images, batch 128: one epoch is 12 steps, fewer than the 100 of warmup.
   config = mutate(mutate(DIGITS, 'train_steps', DELETE), 'train_epochs', 1)
-  config_checks.check_config(config)  # The step count is not known yet.
+  run = config_lib.resolve(config)  # The step count is not known yet.
   with pytest.raises(ValueError, match=r'config\.optimizer\.learning_rate: .*'
                      r'warmup_steps.*got 100 and decay_steps=12'):
-    config_checks.check_data(config)
+    config_lib.with_data(run)

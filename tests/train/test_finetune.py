@@ -10,16 +10,13 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
+from vmoe.checkpoints import sources
 from vmoe.checkpoints import training
 from vmoe.configs import common
-from vmoe.nn import models
-from vmoe.train import config_checks
-from vmoe.train import optimizers
-from vmoe.train import train_state as train_state_lib
+from vmoe.train import config as config_lib
 from vmoe.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,10 +40,11 @@ def test_digits_finetune_new_head_frozen_encoder(runs, reference, tmp_path):
   pretrained = _flat(runs.final_params(reference.workdir))
   n = len(pretrained)
   assert (f'Initialization from orbax:{reference.workdir}: {n - 2} params loaded, 2 '
-          f'freshly initialised, 2 checkpoint tensors not used, {n - 2} frozen.') in err
-  assert '  init    head/kernel: reinit rule' in err
-  step, params = training.load_latest_params(workdir)
-  assert step == FT_STEPS
+          f'freshly initialised, 2 checkpoint tensors not used, {n - 2} frozen.') in out
+  with open(os.path.join(workdir, 'logs', 'main.log')) as f:
+    assert '  init    head/kernel: reinit rule' in f.read()  # The whole report.
+  where, params = sources.load_params(workdir)
+  assert where.endswith(f'/checkpoints/{FT_STEPS}')
   params = _flat(params)
   for name, x in pretrained.items():
     if not name.startswith('head/'):  # Loaded, then frozen by the optimizer.
@@ -61,58 +59,53 @@ def test_digits_finetune_new_head_frozen_encoder(runs, reference, tmp_path):
   assert re.search(r'Final test: prec@1=[0-9.]+', out)
 
 
-# ------------------------------------------------------ restore_or_create_state
+# ------------------------------------------------------ restore_or_create
 MODEL = dict(num_classes=3, patch_size=(4, 4), hidden_size=8, classifier='token',
              encoder=dict(num_layers=1, mlp_dim=16, num_heads=2))
+CONFIG = dict(
+    dataset=dict(train=dict(name='digits', split='train', process='decode', batch_size=2)),
+    model=MODEL, loss=dict(name='softmax_xent'), train_steps=10,
+    optimizer=dict(name='adam', learning_rate=0.1))
 
 
-@pytest.fixture(name='parts', scope='module')
-def parts_fixture():
-  """(model, tx, init_fn, state_sharding) of a tiny ViT; 'Encoder' frozen."""
-  model = models.build_model(MODEL)
-  config = ml_collections.ConfigDict(dict(
-      optimizer=dict(name='adam', learning_rate=0.1),
-      initialization=dict(freeze='^Encoder/')))
-  tx, _ = optimizers.create_optimizer(
-      **trainer.initialization.optimizer_config(config.to_dict()), total_steps=10)
-  init_fn = train_state_lib.make_init_fn(model, tx, image_shape=(2, 8, 8, 3), seed=0)
-  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn))
-  return model, tx, init_fn, sharding
+def _program(**initialization) -> trainer.Program:
+  """A tiny ViT's program for 8x8 images; with config.initialization (its freeze:
+  'Encoder')."""
+  config = dict(CONFIG, initialization=initialization) if initialization else CONFIG
+  run = config_lib.resolve(config)
+  run = config_lib.with_inputs(run, {'dataset.train': {'image': (2, 8, 8, 3),
+                                                       'labels': (2, 3)}})
+  return trainer.build(run)
 
 
-def _checkpoint(tmp_path, init_fn, **rules):
-  """An npz of the model's params, each + 1, and config.initialization for it."""
-  params = _flat(init_fn().params)
+def _checkpoint(tmp_path, **rules) -> tuple[dict, trainer.Program]:
+  """An npz of a program's fresh params, each + 1; the program initialised from it."""
+  params = _flat(_program().parts.init_fn().params)
   path = str(tmp_path / 'pre.npz')
   np.savez(path, **{n: x + 1 for n, x in params.items()})
-  return params, ml_collections.ConfigDict(dict(initialization=dict(
-      source='npz', path=path, freeze='^Encoder/', **rules)))
+  return params, _program(source='npz', path=path, freeze='^Encoder/', **rules)
 
 
-def test_new_run_loads_params_and_freezes(parts, tmp_path):
-  _, tx, init_fn, sharding = parts
-  fresh, config = _checkpoint(tmp_path, init_fn, rules=[('reinit', '^head/')])
+def test_new_run_loads_params_and_freezes(tmp_path):
+  fresh, program = _checkpoint(tmp_path, rules=[('reinit', '^head/')])
   ckpt = training.TrainCheckpointer(str(tmp_path / 'work'), every_steps=1)
-  state = trainer.restore_or_create_state(ckpt, init_fn, sharding, tx=tx, config=config)
+  state = trainer.restore_or_create(program, ckpt)
   got = _flat(state.params)
   for name, x in fresh.items():
     np.testing.assert_array_equal(got[name], x if name.startswith('head/') else x + 1)
-  assert state.params['cls'].sharding == sharding.params['cls']
+  assert state.params['cls'].sharding == program.state_sharding.params['cls']
   # The frozen params get no updates (and no optimizer state).
   grads = jax.tree.map(jnp.ones_like, state.params)
-  updates, _ = tx.update(grads, state.opt_state, state.params)
+  updates, _ = program.parts.tx.update(grads, state.opt_state, state.params)
   flat = _flat(updates)
   assert all(not flat[n].any() for n in flat if n.startswith('Encoder/'))
   assert flat['head/kernel'].any()
   ckpt.close()
 
 
-def test_bad_initialization_fails_before_anything_compiles(parts, tmp_path, monkeypatch):
-  _, tx, init_fn, sharding = parts
-  _, config = _checkpoint(tmp_path, init_fn)  # The head is loaded, and then
-  config.initialization.rules = [('drop', '^head/bias$')]  # its bias is missing.
+def test_bad_initialization_fails_before_anything_compiles(tmp_path, monkeypatch):
+  # The head is loaded, and then its bias is missing.
+  _, program = _checkpoint(tmp_path, rules=[('drop', '^head/bias$')])
   ckpt = training.TrainCheckpointer(str(tmp_path / 'work'), every_steps=1)
 
   def no_compiling(*args, **kwargs):
@@ -121,28 +114,24 @@ def test_bad_initialization_fails_before_anything_compiles(parts, tmp_path, monk
   monkeypatch.setattr(jax, 'jit', no_compiling)
   with pytest.raises(ValueError, match=r'model param head/bias \(3,\) gets no checkpoint '
                      r'tensor'):
-    trainer.restore_or_create_state(ckpt, init_fn, sharding, tx=tx, config=config)
+    trainer.restore_or_create(program, ckpt)
   ckpt.close()
 
 
-def test_resumed_run_ignores_initialization(parts, tmp_path, caplog):
-  _, tx, init_fn, sharding = parts
+def test_resumed_run_ignores_initialization(tmp_path, capsys):
+  program = _program(source='npz', path=str(tmp_path / 'deleted_since.npz'))
   ckpt = training.TrainCheckpointer(str(tmp_path), every_steps=1, asynchronous=False)
-  state = jax.jit(init_fn)()
+  state = jax.jit(program.parts.init_fn)()
   ckpt.save(3, state.replace(step=jnp.array(3, jnp.int32)))
-  config = ml_collections.ConfigDict(dict(initialization=dict(
-      source='npz', path=str(tmp_path / 'deleted_since.npz'))))
-  with caplog.at_level('INFO'):
-    restored = trainer.restore_or_create_state(ckpt, init_fn, sharding, tx=tx,
-                                               config=config)
+  restored = trainer.restore_or_create(program, ckpt)
   assert int(restored.step) == 3
-  assert 'step 3; config.initialization is not used' in caplog.text
+  assert 'step 3; config.initialization is not used' in capsys.readouterr().out
   ckpt.close()
 
 
 def test_config_checks_of_initialization_and_keep_every():
   config = common.load_config(os.path.join(REPO, 'configs/digits_finetune.py:path=/x'))
-  config_checks.check_config(config)
+  config_lib.resolve(config)
   for key, value, message in [
       ('initialization.path', None, r'config.initialization.path is required'),
       ('initialization.source', 'hdf5', r"config.initialization.source='hdf5' is unknown"),
@@ -157,9 +146,9 @@ def test_config_checks_of_initialization_and_keep_every():
       section, name = key.split('.')
       bad[section][name] = value
     with pytest.raises(ValueError, match=message):
-      config_checks.check_config(bad)
+      config_lib.resolve(bad)
   bad = common.load_config(os.path.join(REPO, 'configs/digits_finetune.py:path=/x'))
   bad.initialization.prefix = '/x'
   with pytest.raises(ValueError, match=r"Unknown key\(s\) \['prefix'\] in "
                      r"config.initialization"):
-    config_checks.check_config(bad)
+    config_lib.resolve(bad)

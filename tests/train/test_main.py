@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from vmoe import main as vmoe_main
 from vmoe.configs import common
-from vmoe.train import config_checks
+from vmoe.train import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,6 +36,27 @@ def test_run_artifacts(runs, reference):
     assert tag in tags, sorted(tags)
 
 
+def test_console_shows_progress_and_results_and_the_log_file_the_rest(runs, reference):
+  out, err = reference.stdout.splitlines(), reference.stderr.splitlines()
+  log = os.path.join(reference.workdir, 'logs', 'main.log')
+  assert out[0] == f'Full logs: {log}'
+  assert out[1].startswith('Training VisionTransformerMoe (') and 'for 40 steps' in out[1]
+  assert out[2:] == ['Step 20, test: ' + out[2].split(': ', 1)[1],
+                     'Step 40, test: ' + out[3].split(': ', 1)[1],
+                     'Step 40, few-shot: ' + out[4].split(': ', 1)[1],
+                     'Final test: ' + out[5].split(': ', 1)[1]], out
+  # Not a terminal: one progress line per report (every 10 steps), nothing else.
+  assert [l.split(' [')[0] for l in err] == [f'train: {s}/40' for s in (10, 20, 30, 40)], err
+  assert re.search(r'train: 40/40 \[.*step/s, loss=[0-9.]+\]$', err[-1])
+  with open(log) as f:
+    text = f.read()
+  # Python logs (absl, orbax, TFDS, JAX), TensorFlow's C++ start-up lines, the summary.
+  for line in ('Load dataset info from', 'Saving checkpoint for step 40', 'oneDNN',
+               'Final test: prec@1=', '| Encoder/encoderblock_1/Moe/Mlp/Dense_0/kernel'):
+    assert line in text, line
+  assert text.count('Load dataset info from') == 1  # One builder per dataset and process.
+
+
 def test_unknown_override_key_lists_valid_keys(capsys):
   argv = ['vmoe.main', '--config=configs/digits.py', '--workdir=/nonexistent',
           '--config.optimizer.b3=0.9']
@@ -57,12 +78,12 @@ def test_unknown_config_key_lists_valid_keys():
     config.train_stpes = 10
   with pytest.raises(ValueError, match=r"\['train_stpes'\] in config; valid keys:"
                      r".*'train_steps'"):
-    config_checks.check_config(config)
+    config_lib.resolve(config)
   config = _digits_config()
   config.save_checkpoint.every_step = 5
   with pytest.raises(ValueError, match=r"in config.save_checkpoint; valid keys: "
                      r"\['every_steps', 'keep_every', 'keep_last'\]"):
-    config_checks.check_config(config)
+    config_lib.resolve(config)
 
 
 def _digits_config():

@@ -1,11 +1,19 @@
 """Pieces of the train loop: RNG streams, mixup, metric summaries, train steps."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from vmoe.configs import common
+from vmoe.train import config as config_lib
 from vmoe.train import mixup
+from vmoe.train import monitors
+from vmoe.train import step
 from vmoe.train import train_state
-from vmoe.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_rng_streams_depend_only_on_seed_name_and_step():
@@ -56,14 +64,14 @@ def test_summarize_metrics():
   metrics = {'auxiliary_loss': jnp.array([1.0, 3.0]),
              'encoderblock_1': {'importance_loss': jnp.array([2.0, 4.0]),
                                 'expert_load': jnp.array([[0.1, 0.9], [0.3, 0.7]])}}
-  out = {k: float(v) for k, v in trainer.summarize_metrics(metrics).items()}
+  out = {k: float(v) for k, v in step.summarize_metrics(metrics).items()}
   assert out == pytest.approx({'auxiliary_loss': 2.0,
                                'encoderblock_1/importance_loss': 3.0,
                                'encoderblock_1/expert_load_max': 0.8})
 
 
 def test_metrics_window_averages_and_keeps_last_learning_rate():
-  window = trainer.MetricsWindow()
+  window = monitors.MetricsWindow()
   assert not window
   for i in range(3):
     window.add({'loss': jnp.float32(i), 'learning_rate': jnp.float32(10 * i)})
@@ -72,9 +80,11 @@ def test_metrics_window_averages_and_keeps_last_learning_rate():
   assert not window
 
 
-def test_train_steps_from_epochs_rounds_up():
-  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
-  config = ConfigDict({'train_epochs': 2, 'dataset': {'train': {'batch_size': 128}}})
-  assert trainer.get_train_steps(config, num_train_examples=1437) == 23  # 22.45
-  config = ConfigDict({'train_steps': 7, 'dataset': {'train': {'batch_size': 128}}})
-  assert trainer.get_train_steps(config, num_train_examples=1437) == 7
+def test_train_steps_from_epochs_rounds_up(digits_data_dir, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', digits_data_dir)
+  config = common.load_config(os.path.join(REPO, 'configs', 'digits.py')).to_dict()
+  config.update(train_steps=None, train_epochs=2)
+  config['optimizer']['learning_rate']['warmup_steps'] = 10
+  run = config_lib.resolve(config)
+  assert run.train_steps is None  # Not known before the dataset's size.
+  assert config_lib.with_data(run).train_steps == 23  # 2 x 1437 / 128 = 22.45.

@@ -66,9 +66,11 @@ import numpy as np
 
 from vmoe.checkpoints import legacy
 from vmoe.checkpoints import rules as rules_lib
+from vmoe.checkpoints import sources
 from vmoe.checkpoints import training
 from vmoe.nn import scan as scan_lib
-from vmoe.train import optimizers
+from vmoe.utils import checks
+from vmoe.utils import paths
 
 CONFIG_KEYS = ('source', 'path', 'rules', 'allow_unused', 'allow_missing',
                'allow_mismatched', 'freeze')
@@ -97,33 +99,18 @@ def _allowed(value, key: str) -> Callable[[str], bool]:
 def check_config(cfg: Mapping[str, Any]) -> dict:
   """config.initialization on its own: keys, source, path given, rule syntax, regexes.
   The checkpoint is not looked at: a resumed run must not need it. Returns a dict."""
-  cfg = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
-  unknown = sorted(set(cfg) - set(CONFIG_KEYS))
-  if unknown:
-    raise ValueError(f'Unknown key(s) {unknown} in config.initialization; valid: '
-                     f'{CONFIG_KEYS}.')
+  cfg = checks.to_dict(cfg)
+  checks.check_keys(cfg, CONFIG_KEYS, 'config.initialization')
   source, path = cfg.get('source'), cfg.get('path')
-  if source not in SOURCES:
-    raise ValueError(f'config.initialization.source={source!r} is unknown; valid: '
-                     f'{sorted(SOURCES)}.')
+  checks.one_of(source, sorted(SOURCES), 'config.initialization.source')
   if not path or not isinstance(path, str):
     raise ValueError('config.initialization.path is required (the checkpoint to start '
                      'from), e.g. --config.initialization.path=/path/to/checkpoint.')
   rules_lib.check_rules(cfg.get('rules'))
   for key in ('allow_unused', 'allow_missing', 'allow_mismatched'):
     _allowed(cfg.get(key), key)
-  optimizers.frozen_patterns(cfg.get('freeze'), what='config.initialization.freeze')
+  paths.patterns(cfg.get('freeze'), what='config.initialization.freeze')
   return cfg
-
-
-def optimizer_config(config: Mapping[str, Any]) -> dict:
-  """config.optimizer, with config.initialization.freeze added to its frozen_pattern."""
-  opt = dict(config['optimizer'])
-  freeze = (config.get('initialization') or {}).get('freeze')
-  if freeze:
-    opt['frozen_pattern'] = (optimizers.frozen_patterns(opt.get('frozen_pattern'))
-                             + optimizers.frozen_patterns(freeze))
-  return opt
 
 
 # ----------------------------------------------------------------------------- sources
@@ -168,7 +155,10 @@ def _open_legacy(prefix: str):
 
 
 def _open_orbax(path: str):
-  directory = training.step_dir(path)
+  kind, directory = sources.locate(path)
+  if kind != 'orbax':
+    raise ValueError(f'config.initialization.path={path!r} is a legacy checkpoint; set '
+                     "config.initialization.source='legacy'.")
   specs = {n: (x.shape, x.dtype) for n, x in training.params_metadata(directory).items()}
 
   def read(wanted):
@@ -269,14 +259,13 @@ def plan(target: Any, cfg: Mapping[str, Any]) -> Plan:
                      + '\n  '.join(problems))
   if segments:
     used, fresh = _scanned(used, fresh, segments, ctx)
-  labels = traverse_util.flatten_dict(
-      optimizers.frozen_labels(target, cfg.get('freeze')), sep='/')
+  freeze = paths.patterns(cfg.get('freeze'))
   report = Report(
       source=f'{cfg["source"]}:{cfg["path"]}',
       loaded={n: ', '.join(t.sources) + ''.join(f' | {h}' for h in t.how)
               for n, t in used.items()},
       initialized=dict(sorted(fresh.items())), dropped=dict(sorted(ctx.dropped.items())),
-      frozen=[n for n in sorted(labels) if labels[n] == 'frozen'])
+      frozen=[n for n in sorted(target_flat) if any(re.search(p, n) for p in freeze)])
   return Plan(used, report, read, ctx)
 
 

@@ -1,7 +1,7 @@
 """Reader and writer for the released V-MoE checkpoint format (version '20220622').
 
 A checkpoint is `PREFIX.index` plus `PREFIX.data-NNNNN-of-NNNNN` files, each ONE msgpack
-object (spec: docs reference_checkpoints.md). The index mirrors the params tree; each leaf
+object (spec: docs/reference_checkpoints.md). The index mirrors the params tree; each leaf
 (ext 8) holds the global shape/dtype, the sorted disjoint n-d slices that tile the array and
 the data file ("shard") of each slice. A data file maps LEAF_ID (position of the leaf in a
 depth-first walk with `sorted()` keys) to `[[SUBCHUNKS, NDSLICE], ...]`, where SUBCHUNKS are

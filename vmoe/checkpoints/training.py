@@ -34,7 +34,6 @@ Loading never executes code: arrays are read by TensorStore (zarr chunks in an
 OCDBT database) and the rest is JSON; nothing is unpickled.
 """
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -46,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vmoe.nn import scan as scan_lib
+from vmoe.utils import files
 
 PyTree = Any
 
@@ -64,7 +64,7 @@ class TrainCheckpointer:
       raise ValueError(f'save_checkpoint.keep_last must be > 0 or None (keep '
                        f'all), got {keep_last}.')
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    check_writable(workdir, os.path.abspath(workdir), self.directory)
+    files.check_writable(workdir, os.path.abspath(workdir), self.directory)
     self.every_steps = every_steps
     self.seed = seed
     self._last_saved = None
@@ -214,39 +214,16 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def check_writable(workdir: str, *dirs: str):
-  """Creates `dirs` and writes a file in each: a workdir that cannot be written
-  fails at the start, not at the first checkpoint hours later."""
-  for d in dirs:
-    try:
-      os.makedirs(d, exist_ok=True)
-      tempfile.TemporaryFile(dir=d).close()
-    except OSError as e:
-      raise ValueError(f'--workdir={workdir!r} cannot be written ({d}: '
-                       f'{e.strerror}); give a directory this process can '
-                       f'create and write, or fix its permissions.') from None
-
-
-def load_latest_params(workdir: str) -> tuple[int, PyTree]:
-  """(step, params) of the latest complete checkpoint in WORKDIR/checkpoints,
-  for tools that only need the weights (no train state or config needed)."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+def latest_step(workdir: str) -> int | None:
+  """The latest complete checkpoint step of WORKDIR/checkpoints, read-only (for tools
+  that read a workdir another process may be writing)."""
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f'No complete checkpoint in {directory}; train first with '
-                     f'python -m vmoe.main --workdir={workdir}.')
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore())).state
-  except Exception as e:  # pylint: disable=broad-except  # Orbax raises bare Exceptions.
-    raise ValueError(f'Checkpoint step {step} in {directory} cannot be read: '
-                     f'{read_error(e)}. Resuming the training with the same '
-                     f'--workdir falls back to the previous step.') from None
+    return manager.latest_step()
   finally:
     manager.close()
-  return step, state['params']
 
 
 def read_error(e: BaseException) -> str:
@@ -256,24 +233,6 @@ def read_error(e: BaseException) -> str:
     e = e.__cause__ or e.__context__
   first_line = (str(e).strip().splitlines() or [''])[0]
   return f'{type(e).__name__}: {first_line.split(" [tensorstore_spec=")[0][:500]}'
-
-
-def step_dir(path: str) -> str:
-  """WORKDIR/checkpoints/<step> as given, or the latest complete step of a WORKDIR."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path
-  if not os.path.isdir(os.path.join(path, 'checkpoints')):
-    raise ValueError(f'No orbax checkpoint at {path!r}: expected a checkpoint '
-                     'directory WORKDIR/checkpoints/<step> or a WORKDIR.')
-  manager = ocp.CheckpointManager(
-      os.path.join(path, 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  if step is None:
-    raise ValueError(f'No complete checkpoint in {path}/checkpoints.')
-  return os.path.join(path, 'checkpoints', str(step))
 
 
 def params_metadata(directory: str) -> dict[str, jax.ShapeDtypeStruct]:

@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
-from vmoe.nn import models
 from vmoe.nn import routers
 
 ConfigDict = ml_collections.ConfigDict
@@ -156,7 +155,7 @@ def router_config(name: str, *, num_selected_experts: int,
   of a group rather than from S * K choices; their capacity factor is scaled
   by K so that every router does the same expert compute.
   """
-  fields = set(routers.router_fields(name))
+  fields = set(routers.options(name))
   if 'num_selected_experts' not in fields:
     capacity_factor *= num_selected_experts
   dispatcher = dict(name='einsum', bfloat16=bfloat16)
@@ -164,11 +163,12 @@ def router_config(name: str, *, num_selected_experts: int,
                 importance_loss_weight=0.005, load_loss_weight=0.005,
                 # A typed empty value, so that --config...superclasses=PATH works.
                 superclasses=config_dict.placeholder(str))
-  if name in routers.HARD_ROUTERS:
+  if routers.ROUTERS[name].SLOTS == 'soft':  # Sizes its slots itself, adds no noise.
+    fields.add('capacity_factor')
+    wanted['capacity_factor'] = capacity_factor
+  else:
     dispatcher['capacity_factor'] = capacity_factor
     wanted['noise_std'] = 1.0
-  else:
-    wanted['capacity_factor'] = capacity_factor
   return ConfigDict({'name': name, 'dispatcher': dispatcher,
                      **{k: v for k, v in wanted.items() if k in fields}})
 
@@ -272,5 +272,11 @@ def initialization_config(*, source: str, path: str | None = None, rules=(),
       allow_mismatched=allow_mismatched, freeze=freeze or None))
 
 
-every_n = models.every_n
-last_n = models.last_n
+def every_n(n: int, num_layers: int) -> tuple[int, ...]:
+  """'Every-n' MoE placement: blocks n-1, 2n-1, ... (every other block for n=2)."""
+  return tuple(range(n - 1, num_layers, n))
+
+
+def last_n(n: int, num_layers: int) -> tuple[int, ...]:
+  """'Last-n' MoE placement: the last n odd blocks, e.g. (5, 7) for n=2 of 8 layers."""
+  return tuple(range(1, num_layers, 2))[-n:]

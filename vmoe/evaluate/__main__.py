@@ -20,8 +20,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from vmoe import cli
-from vmoe.evaluate import command
 from vmoe.evaluate import sweep_spec
+from vmoe.utils import console
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the model.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of the trained model.')
@@ -40,7 +40,9 @@ _THRESHOLD = flags.DEFINE_float('threshold', 0.5, 'Layers specialising less than
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_orbax()
+  console.say(f'Full logs: {cli.log_to_file("evaluate", _WORKDIR.value)}')
+  # After the log file: TensorFlow's C++ start-up lines go there (cli.log_to_file).
+  from vmoe.evaluate import command  # pylint: disable=g-import-not-at-top
   command.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
                    spec=_SWEEP.value, routing=_ANALYZE.value, few_shot=_FEWSHOT.value,
                    eval_set=_EVAL_SET.value, output_dir=_OUTPUT_DIR.value,

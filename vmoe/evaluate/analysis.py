@@ -14,13 +14,12 @@ Per MoE layer, over an eval split, from the routing each token actually got:
 - for routers trained with super-classes (Mobile V-MoE), the super-class x expert counts:
   does each super-class go to its own expert?
 """
-import json
-import os
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from vmoe.evaluate import runner
+from vmoe.train import evaluator
+from vmoe.utils import files
 
 
 class RoutingStats:
@@ -92,13 +91,27 @@ def _group_rows(class_expert: np.ndarray, superclasses: Sequence[int]) -> np.nda
   return out
 
 
+def moe_intermediates(inter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+  """Sown tree -> {'encoderblock_i': {'buffer_slot', 'combine_weight', 'logits'}}."""
+  out = {}
+  for name, block in (inter.get('Encoder') or {}).items():
+    moe = block.get('Moe') if isinstance(block, Mapping) else None
+    if not moe:
+      continue
+    layer = {k: v[0] for k, v in moe.items() if isinstance(v, tuple)}
+    if 'logits' in (moe.get('Router') or {}):
+      layer['logits'] = moe['Router']['logits'][0]
+    out[name] = layer
+  return dict(sorted(out.items(), key=lambda kv: int(kv[0].rsplit('_', 1)[-1])))
+
+
 def collect(forward, params, iterable, num_classes: int) -> dict[str, RoutingStats]:
-  """One pass of `forward` (runner.Forward with intermediates) over an eval set ->
+  """One pass of `forward` (evaluator.Forward with intermediates) over an eval set ->
   {'encoderblock_i': RoutingStats} for every sparse MoE layer."""
   stats = {}
   for batch, _, inter in forward.batches(params, iterable):
-    labels, valid = runner.labels_of(batch), batch['__valid__']
-    for layer, out in runner.moe_intermediates(inter).items():
+    labels, valid = evaluator.labels_of(batch), batch['__valid__']
+    for layer, out in moe_intermediates(inter).items():
       if 'buffer_slot' not in out:
         continue  # Soft MoE: no token-to-expert assignment to count.
       if layer not in stats:
@@ -141,7 +154,7 @@ def plot_layers(summaries: Mapping[str, dict], path: str, class_names=None):
       axes[1, j].set_yticks(range(len(class_names)), class_names, fontsize=6)
     fig.colorbar(im, ax=axes[1, j], fraction=0.046)
   fig.tight_layout()
-  _save(fig, path)
+  files.save_figure(fig, path)
 
 
 def plot_summary(summaries: Mapping[str, dict], path: str):
@@ -160,7 +173,7 @@ def plot_summary(summaries: Mapping[str, dict], path: str):
   ax.legend(fontsize=7)
   ax.set_title('Routing per MoE layer (gate entropy in nats)', fontsize=9)
   fig.tight_layout()
-  _save(fig, path)
+  files.save_figure(fig, path)
 
 
 def plot_superclasses(summaries: Mapping[str, dict], path: str):
@@ -179,19 +192,4 @@ def plot_superclasses(summaries: Mapping[str, dict], path: str):
     ax.set_ylabel('super-class')
     fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  _save(fig, path)
-
-
-def _save(fig, path: str):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
-def write_json(path: str, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  files.save_figure(fig, path)

@@ -4,60 +4,70 @@ import json
 import os
 from typing import Optional
 
-from absl import logging
 import jax
 import ml_collections
 
+from vmoe import cli
+from vmoe.checkpoints import sources
 from vmoe.data import pipeline
 from vmoe.evaluate import analysis
-from vmoe.evaluate import fewshot
-from vmoe.evaluate import runner
 from vmoe.evaluate import sweep
 from vmoe.evaluate import sweep_spec
 from vmoe.nn import models
-from vmoe.nn.routers import per_image
-from vmoe.train import config_checks
+from vmoe.train import config as config_lib
+from vmoe.train import evaluator
+from vmoe.train import fewshot
+from vmoe.utils import console
+from vmoe.utils import files
 
 
-def default_fewshot_config(config, eval_set: str) -> ml_collections.ConfigDict:
-  """Shots from the train split, preprocessed like the eval set, scored on the eval set."""
-  test = config.dataset[eval_set]
-  train = ml_collections.ConfigDict(test.to_dict())
-  train.split = config.dataset.train.split
-  return ml_collections.ConfigDict(dict(train=train, test=test))
+def with_fewshot(config, eval_set: str) -> dict:
+  """config, with shots from the train split preprocessed like the eval set and scored on
+  the eval set, unless it has config.fewshot."""
+  c = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  if not c.get('fewshot'):
+    test = c['dataset'][eval_set]
+    c['fewshot'] = dict(train={**test, 'split': c['dataset']['train']['split']}, test=test)
+  return c
 
 
-def check(config, eval_set: str, spec: str) -> list:
-  """Everything the flags say, checked before any data is read or anything compiles."""
-  config_checks.check_config(config, num_devices=jax.device_count(),
-                             num_processes=jax.process_count())
+def prepare(config, *, eval_set: Optional[str], spec: str, few_shot: bool
+            ) -> tuple[config_lib.Run, list[sweep.Variant]]:
+  """Everything the flags say, checked before anything compiles: the config, the eval
+  set, every sweep variant, the datasets' metadata and their images (one example each)."""
   evals = [k for k in config.dataset if k != 'train']
+  eval_set = eval_set or (evals[0] if evals else None)
   if eval_set not in evals:
     raise ValueError(f'--eval_set={eval_set!r} is not an eval set of the config; '
                      f'valid: {evals}.')
-  variants = sweep_spec.parse(spec, config) if spec else []
-  sweep.check_variants(config, variants, eval_set)
-  return variants
+  config = with_fewshot(config, eval_set) if few_shot else config
+  run = config_lib.resolve(config, num_devices=jax.device_count(),
+                           num_processes=jax.process_count())
+  values = sweep_spec.parse(spec, config) if spec else []
+  run = config_lib.with_data(run)
+  names = [f'dataset.{eval_set}'] + (['fewshot.train', 'fewshot.test'] if few_shot else [])
+  iterables = {n: pipeline.make_eval_iterable(run.entry(n).config) for n in names}
+  train = pipeline.make_eval_iterable(run.entry('dataset.train').config).shapes()
+  run = config_lib.with_inputs(run, {'dataset.train': train,
+                                     **{n: it.shapes() for n, it in iterables.items()}})
+  variants = sweep.resolve(config, values, eval_set=eval_set, train_shapes=train)
+  return run, variants
 
 
-def analyze(config, params, eval_set: str, out_dir: str, threshold: float) -> dict:
-  model_config = models.validate(config_checks.eval_model_config(config.to_dict()))
-  forward = runner.Forward(models.build_model(model_config), outputs='intermediates')
-  stats = analysis.collect(forward, params, pipeline.make_eval_iterable(
-      config.dataset[eval_set]), model_config['num_classes'])
+def analyze(run: config_lib.Run, params, eval_set: str, out_dir: str, threshold: float
+            ) -> dict:
+  data = run.entry(f'dataset.{eval_set}')
+  forward = evaluator.Forward(models.build(data.model), outputs='intermediates')
+  stats = analysis.collect(forward, params, pipeline.make_eval_iterable(data.config),
+                           data.model.num_classes)
   if not stats:
     raise ValueError('The model has no sparse MoE layer to analyse (dense model or '
                      'Soft MoE).')
-  router = model_config['encoder']['moe']['router']
-  table = None
-  if router.get('superclasses') is not None:
-    table = per_image.load_superclasses(router['superclasses'],
-                                        model_config['num_classes'],
-                                        model_config['encoder']['moe']['num_experts'])
+  table = data.model.encoder.moe.superclasses
   summaries = {k: s.summary(table) for k, s in stats.items()}
   report = {'eval_set': eval_set, 'layers': summaries,
             'recommendation': analysis.recommend(summaries, threshold)}
-  analysis.write_json(os.path.join(out_dir, 'routing.json'), report)
+  files.write_json(os.path.join(out_dir, 'routing.json'), report)
   analysis.plot_layers(summaries, os.path.join(out_dir, 'routing.png'))
   analysis.plot_summary(summaries, os.path.join(out_dir, 'routing_summary.png'))
   if table is not None:
@@ -65,31 +75,39 @@ def analyze(config, params, eval_set: str, out_dir: str, threshold: float) -> di
   return report
 
 
-def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None,
-             spec: str = sweep_spec.DEFAULT_SWEEP, routing: bool = False,
-             few_shot: bool = False, eval_set: Optional[str] = None,
-             output_dir: Optional[str] = None, threshold: float = 0.5) -> str:
+def probe(run: config_lib.Run, params, out_dir: str) -> dict:
+  """Few-shot probes of config.fewshot (with_fewshot) -> fewshot.json and .png."""
+  train, test = run.entry('fewshot.train'), run.entry('fewshot.test')
+  results = fewshot.FewshotEvaluator(
+      train.model, run.config.fewshot, pipeline.make_eval_iterable(train.config),
+      pipeline.make_eval_iterable(test.config))(params)
+  files.write_json(os.path.join(out_dir, 'fewshot.json'), results)
+  fewshot.plot(results, os.path.join(out_dir, 'fewshot.png'))
+  return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             checkpoint: Optional[str] = None, spec: str = sweep_spec.DEFAULT_SWEEP,
+             routing: bool = False, few_shot: bool = False,
+             eval_set: Optional[str] = None, output_dir: Optional[str] = None,
+             threshold: float = 0.5) -> str:
   """Checks everything, then writes the sweep / analysis / few-shot files -> out dir."""
-  eval_set = eval_set or next((k for k in config.dataset if k != 'train'), None)
-  variants = check(config, eval_set, spec)
-  runner.check_single_process('vmoe.evaluate')
+  cli.check_single_process('vmoe.evaluate')
+  run, variants = prepare(config, eval_set=eval_set, spec=spec, few_shot=few_shot)
+  eval_set = run.evals[0].name.split('.', 1)[1] if eval_set is None else eval_set
   out_dir = output_dir or os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  source, params = runner.restore_params(workdir, checkpoint)
-  logging.info('Evaluating %s', source)
+  source, params = sources.load_params(checkpoint or workdir)
+  console.say(f'Evaluating {source} on {eval_set}; writing to {out_dir}.')
   if variants:
-    rows = sweep.run(config, params, variants, eval_set=eval_set)
+    rows = sweep.run(config, params, variants)
     paths = sweep.write(rows, out_dir, title=f'{source}, {eval_set}')
-    print(sweep.table(rows), flush=True)
-    print(f'Sweep of {len(rows)} variants -> {paths["csv"]}, {paths["png"]}', flush=True)
+    console.say(f'Sweep of {len(rows)} variants -> {paths["csv"]}, {paths["png"]}')
   if routing:
-    report = analyze(config, params, eval_set, out_dir, threshold)
-    print(json.dumps(report['recommendation']), flush=True)
+    report = analyze(run, params, eval_set, out_dir, threshold)
+    console.say(f'Routing analysis -> {out_dir}/routing.json: '
+                + json.dumps(report['recommendation']))
   if few_shot:
-    cfg = config.get('fewshot') or default_fewshot_config(config, eval_set)
-    model_config = config_checks.eval_model_config(config.to_dict())
-    results = fewshot.FewshotEvaluator(model_config, cfg.to_dict())(params)
-    analysis.write_json(os.path.join(out_dir, 'fewshot.json'), results)
-    fewshot.plot(results, os.path.join(out_dir, 'fewshot.png'))
-    print(json.dumps(fewshot.scalars(results)), flush=True)
+    results = probe(run, params, out_dir)
+    console.say(f'Few-shot -> {out_dir}/fewshot.json: '
+                + json.dumps(fewshot.scalars(results)))
   return out_dir

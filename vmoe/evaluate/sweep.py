@@ -6,57 +6,58 @@ validated before the first one compiles; each compiles once and is evaluated on 
 eval set. Per variant: accuracy, loss, the fraction of tokens each MoE layer dropped,
 forward GFLOPs per image at the variant's actual capacity, images/s and compile time.
 """
-import csv
-import json
+import dataclasses
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
 from vmoe.data import pipeline
 from vmoe.evaluate import flops
 from vmoe.evaluate import sweep_spec
 from vmoe.nn import models
-from vmoe.train import config_checks
+from vmoe.parallel import mesh as mesh_lib
+from vmoe.train import config as config_lib
 from vmoe.train import evaluator
 from vmoe.train import losses
-from vmoe.parallel import mesh as mesh_lib
+from vmoe.utils import console
+from vmoe.utils import dotted
+from vmoe.utils import files
 
 P = jax.sharding.PartitionSpec
 
 
-def variant_config(config: ml_collections.ConfigDict,
-                   variant: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with the variant's dotted keys set."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for dotted, value in variant.items():
-    parent, _, leaf = dotted.rpartition('.')
-    node = c
-    for part in filter(None, parent.split('.')):
-      node = node[part]
-    node[leaf] = value
-  return c
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One variant of a sweep: its changed keys and its eval set, resolved (the model for
+  its images) with the iterable to evaluate it on."""
+  values: Mapping[str, Any]
+  data: config_lib.Data
+  iterable: Any  # pipeline.EvalIterable; variants with the same eval config share one.
 
 
-def check_variants(config, variants: Sequence[Mapping[str, Any]], eval_set: str,
-                   image_size: Optional[Sequence[int]] = None) -> list[dict]:
-  """Model configs of all variants; one ValueError naming the variant if any is bad.
-  With image_size, also checks each against the input (patches, groups per device)."""
-  out = []
-  for v in variants:
+def resolve(config, values: Sequence[Mapping[str, Any]], *, eval_set: str,
+            train_shapes: Mapping[str, tuple[int, ...]]) -> list[Variant]:
+  """Every variant, resolved and checked against its eval set's images before the first
+  one compiles; one ValueError naming the variant if any is bad."""
+  iterables, out = {}, []
+  name = f'dataset.{eval_set}'
+  for v in values:
     try:
-      c = variant_config(config, v)
-      model_config = models.validate(config_checks.eval_model_config(c.to_dict()))
-      if image_size is not None:
-        models.check_input(model_config,
-                           c.dataset[eval_set].batch_size // jax.device_count(), image_size)
+      run = config_lib.resolve(dotted.with_values(config, v),
+                               num_devices=jax.device_count(),
+                               num_processes=jax.process_count())
+      cfg = run.entry(name).config
+      if cfg not in iterables:
+        iterables[cfg] = pipeline.make_eval_iterable(cfg)
+      run = config_lib.with_inputs(run, {'dataset.train': train_shapes,
+                                         name: iterables[cfg].shapes()})
     except (ValueError, TypeError, KeyError) as e:
       raise ValueError(f'Sweep variant {describe(v)} is not a valid config: {e}') from e
-    out.append(model_config)
+    out.append(Variant(v, run.entry(name), iterables[cfg]))
   return out
 
 
@@ -64,69 +65,52 @@ def describe(variant: Mapping[str, Any]) -> str:
   return ', '.join(f'{sweep_spec.short_name(k)}={v}' for k, v in variant.items())
 
 
-def run(config, params, variants: Sequence[Mapping[str, Any]], *,
-        eval_set: str) -> list[dict]:
-  """Evaluates `params` under every variant -> one row (a flat dict) per variant.
-
-  Prints a line per variant with the time left (from the mean time per variant)."""
-  if eval_set not in config.dataset or eval_set == 'train':
-    raise ValueError(f'--eval_set={eval_set!r} is not an eval set of the config; valid: '
-                     f'{[k for k in config.dataset if k != "train"]}.')
-  iterable = pipeline.make_eval_iterable(config.dataset[eval_set])
-  first = next(iter(iterable))
-  image_size = first['image'].shape[1:3]
-  model_configs = check_variants(config, variants, eval_set, image_size)
+def run(config, params, variants: Sequence[Variant]) -> list[dict]:
+  """Evaluates `params` under every variant -> one row (a flat dict) per variant, with a
+  progress line (variants done, time left)."""
   mesh = mesh_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
   batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
   params = jax.device_put(params, replicated)
   loss_fn = losses.LOSSES[config.loss.name]
-  rows, start = [], time.perf_counter()
-  for i, (variant, model_config) in enumerate(zip(variants, model_configs)):
+  rows, progress = [], console.Progress(len(variants), desc='sweep', unit='variant')
+  for v in variants:
     step = evaluator.make_eval_step(
-        models.build_model(model_config), loss_fn, params_sharding=replicated,
+        models.build(v.data.model), loss_fn, params_sharding=replicated,
         batch_sharding=batch_sharding, routing_stats=True)
+    batches = lambda: (mesh_lib.global_batch(b, batch_sharding) for b in v.iterable)
     with jax.set_mesh(mesh):
       t0 = time.perf_counter()
-      jax.block_until_ready(step(params, mesh_lib.global_batch(first, batch_sharding)))
+      jax.block_until_ready(step(params, next(batches())))
       compile_s = time.perf_counter() - t0
       t0 = time.perf_counter()
-      result = evaluator.evaluate(
-          step, params, (mesh_lib.global_batch(b, batch_sharding) for b in iterable),
-          num_examples=iterable.num_examples)
+      result = evaluator.evaluate(step, params, batches(),
+                                  num_examples=v.iterable.num_examples)
       seconds = time.perf_counter() - t0
-    dropped = {k: v for k, v in result.items() if k.startswith('dropped/')}
-    row = {**{sweep_spec.short_name(k): v for k, v in variant.items()},
+    dropped = {k: r for k, r in result.items() if k.startswith('dropped/')}
+    row = {**{sweep_spec.short_name(k): x for k, x in v.values.items()},
            'accuracy': result['prec@1'], 'loss': result['loss'],
            'dropped_mean': float(np.mean(list(dropped.values()))) if dropped else 0.0,
            **dropped,
-           'gflops_per_image': flops.flops_per_image(model_config, image_size) / 1e9,
+           'gflops_per_image': flops.flops_per_image(v.data.model) / 1e9,
            'images_per_s': result['num_examples'] / seconds,
            'compile_s': compile_s}
     rows.append(row)
-    logging.info('Sweep %d/%d %s: %s', i + 1, len(variants), describe(variant), row)
-    eta = (time.perf_counter() - start) / (i + 1) * (len(variants) - i - 1)
-    print(f'[{i + 1}/{len(variants)}] {describe(variant)}: accuracy {row["accuracy"]:.4f}, '
-          f'dropped {row["dropped_mean"]:.3f}, {row["gflops_per_image"]:.4g} GFLOPs/image, '
-          f'{row["images_per_s"]:.0f} images/s; ETA {eta:.0f} s', flush=True)
+    logging.info('Sweep %s: %s', describe(v.values), row)
+    progress.advance()
+    console.say(f'{describe(v.values)}: accuracy {row["accuracy"]:.4f}, dropped '
+                f'{row["dropped_mean"]:.3f}, {row["gflops_per_image"]:.4g} GFLOPs/image, '
+                f'{row["images_per_s"]:.0f} images/s')
+    progress.report(accuracy=row['accuracy'])
+  progress.close()
   return rows
 
 
 def write(rows: Sequence[dict], out_dir: str, *, title: str = '') -> dict[str, str]:
   """sweep.csv, sweep.json and sweep.png in out_dir (each written atomically)."""
-  os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f'sweep.{k}') for k in ('csv', 'json', 'png')}
-  columns = list(dict.fromkeys(k for r in rows for k in r))
-  tmp = paths['csv'] + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    w = csv.DictWriter(f, columns)
-    w.writeheader()
-    w.writerows(rows)
-  os.replace(tmp, paths['csv'])
-  tmp = paths['json'] + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(rows, f, indent=1)
-  os.replace(tmp, paths['json'])
+  files.write_csv(paths['csv'], rows)
+  files.write_json(paths['json'], rows)
   plot(rows, paths['png'], title=title)
   return paths
 
@@ -166,10 +150,7 @@ def plot(rows: Sequence[dict], path: str, *, title: str = ''):
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  files.save_figure(fig, path)
 
 
 def table(rows: Sequence[dict]) -> str:

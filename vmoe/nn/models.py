@@ -1,18 +1,30 @@
-"""Build models from configs in the reference's schema, validating them first.
+"""Model configs, resolved once: the reference's schema -> a frozen ModelSpec -> the model.
 
-The schema is the `model_kwargs` of google-research/vmoe (see
-../shared/fixtures/vmoe_reference/*_config.json), with an optional `name`. Every bad value
-is reported with one ValueError naming the key and the fix, before anything is traced.
+The schema is the `model_kwargs` of google-research/vmoe configs (see
+tests/fixtures/vmoe_reference/*_config.json), with an optional `name`. `resolve` checks
+every key and value, with one ValueError naming the key and the fix, before anything is
+traced, and returns the ModelSpec (vmoe/nn/spec.py) that everything downstream reads. It
+never edits the config.
+
+  spec = models.resolve(config)                          # the config alone
+  spec = models.resolve(config, image_size=(224, 224))   # + tokens per image, capacity
+  model = models.build(spec)                             # the flax module
+  model = models.build_model(config, (224, 224))         # both at once
 """
-import copy
-from typing import Any, Mapping, Optional, Sequence
+import dataclasses
+import math
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import flax.linen as nn
 
 from vmoe.nn import precision
 from vmoe.nn import routers as routers_lib
-from vmoe.nn import routing as routing_lib
+from vmoe.nn import routing
+from vmoe.nn import spec as spec_lib
 from vmoe.nn import vit
+from vmoe.nn.routers import per_image
+from vmoe.utils import checks
+from vmoe.utils import dotted
 
 MODELS = {'VisionTransformerMoe': vit.VisionTransformerMoe,
           'VisionTransformer': vit.VisionTransformerMoe}
@@ -22,243 +34,240 @@ ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
                 'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb',
                 'compute_dtype', 'scan', 'remat')
 MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts')
+DISPATCHER_KEYS = ('name', 'capacity', 'capacity_factor', 'capacity_ceil_or_round',
+                   'capacity_multiple_of', 'batch_priority', 'bfloat16')
+ModelSpec = spec_lib.ModelSpec
 
 
-def every_n(n: int, num_layers: int) -> tuple[int, ...]:
-  """'Every-n' placement: blocks n-1, 2n-1, ... (every other block for n=2)."""
-  return tuple(range(n - 1, num_layers, n))
-
-
-def last_n(n: int, num_layers: int) -> tuple[int, ...]:
-  """'Last-n' placement: the last n odd blocks, e.g. (5, 7) for n=2 of 8 layers."""
-  return tuple(range(1, num_layers, 2))[-n:]
-
-
-def to_dict(config: Any) -> dict:
-  """A deep plain-dict copy of a dict or ml_collections.ConfigDict."""
-  if hasattr(config, 'to_dict'):
-    config = config.to_dict()
-  return copy.deepcopy(dict(config))
-
-
-def _check_keys(d: Mapping[str, Any], valid: Sequence[str], where: str):
-  unknown = sorted(set(d) - set(valid))
-  if unknown:
-    raise ValueError(f'Unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}.')
-
-
-def _require(d: Mapping[str, Any], key: str, where: str):
-  if d.get(key) is None:
-    raise ValueError(f'{where}.{key} is required.')
-  return d[key]
-
-
-def _positive_int(d, key, where):
-  v = _require(d, key, where)
-  if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-    raise ValueError(f'{where}.{key}={v!r} must be a positive integer.')
-  return v
-
-
-def validate(config: Any) -> dict:
-  """Checks a model config and returns it as a normalised plain dict."""
-  c = to_dict(config)
-  _check_keys(c, MODEL_KEYS, 'model')
-  name = c.pop('name', 'VisionTransformerMoe')
-  if name not in MODELS:
-    raise ValueError(f'model.name={name!r} is unknown; valid: {sorted(MODELS)}.')
-  patch = _require(c, 'patch_size', 'model')
+def resolve(config: Any, *, image_size: Optional[Sequence[int]] = None,
+            overrides: Optional[Mapping[str, Any]] = None) -> ModelSpec:
+  """The ModelSpec of a model config (dict or ConfigDict); with `image_size` (h, w) also
+  its tokens per image and the capacity of its MoE layers. overrides: dotted keys to
+  change first, e.g. {'encoder.moe.router.dispatcher.capacity_factor': 0.5}."""
+  c = dotted.with_values(config, overrides or {})
+  checks.check_keys(c, MODEL_KEYS, 'model')
+  name = checks.one_of(c.get('name', 'VisionTransformerMoe'), sorted(MODELS), 'model.name')
+  patch = checks.required(c, 'patch_size', 'model')
   if (not isinstance(patch, (list, tuple)) or len(patch) != 2
-      or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch)):
+      or not all(checks.is_int(p) and p > 0 for p in patch)):
     raise ValueError(f'model.patch_size={patch!r} must be two positive integers (height, '
                      'width), e.g. (16, 16).')
-  c['patch_size'] = tuple(patch)
-  _positive_int(c, 'hidden_size', 'model')
+  hidden = checks.positive_int(checks.required(c, 'hidden_size', 'model'), 'model.hidden_size')
   classifier = c.get('classifier', 'token')
   if classifier not in vit.CLASSIFIERS:
     raise ValueError(f'model.classifier={classifier!r} is unknown; valid: {vit.CLASSIFIERS}.')
-  enc = c['encoder'] = dict(_require(c, 'encoder', 'model'))
-  _check_keys(enc, ENCODER_KEYS, 'model.encoder')
-  num_layers = _positive_int(enc, 'num_layers', 'model.encoder')
-  _positive_int(enc, 'mlp_dim', 'model.encoder')
-  heads = _positive_int(enc, 'num_heads', 'model.encoder')
-  if c['hidden_size'] % heads:
-    raise ValueError(f'model.hidden_size={c["hidden_size"]} is not divisible by '
-                     f'model.encoder.num_heads={heads}.')
+  spec = ModelSpec(
+      name=name, num_classes=c.get('num_classes'), patch_size=tuple(patch),
+      hidden_size=hidden, classifier=classifier,
+      representation_size=c.get('representation_size'),
+      head_bias_init=c.get('head_bias_init', 0.0),
+      head_kernel_zero_init=c.get('head_kernel_zero_init', True),
+      encoder=_encoder(checks.required(c, 'encoder', 'model'), hidden, c.get('num_classes')))
+  return spec if image_size is None else _at(spec, tuple(image_size))
+
+
+def build(spec: ModelSpec, moe_sharding=None) -> nn.Module:
+  """The flax module of a spec resolved for its image size. moe_sharding: where the MoE
+  layers' arrays live on a device mesh (vmoe.parallel.mesh.moe_sharding), or None."""
+  if spec.image_size is None:
+    raise ValueError('build: resolve the model config for its image size first, '
+                     'models.resolve(config, image_size=(h, w)).')
+  return MODELS[spec.name](spec, moe_sharding=moe_sharding)
+
+
+def build_model(config: Any, image_size: Sequence[int], *,
+                overrides: Optional[Mapping[str, Any]] = None, moe_sharding=None
+                ) -> nn.Module:
+  """The flax module of a model config for images of `image_size` (h, w): resolve, then
+  build."""
+  return build(resolve(config, image_size=image_size, overrides=overrides), moe_sharding)
+
+
+def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int]
+             ) -> spec_lib.EncoderSpec:
+  where = 'model.encoder'
+  checks.check_keys(enc, ENCODER_KEYS, where)
+  num_layers = checks.positive_int(checks.required(enc, 'num_layers', where),
+                                   f'{where}.num_layers')
+  mlp_dim = checks.positive_int(checks.required(enc, 'mlp_dim', where), f'{where}.mlp_dim')
+  heads = checks.positive_int(checks.required(enc, 'num_heads', where), f'{where}.num_heads')
+  if hidden % heads:
+    raise ValueError(f'model.hidden_size={hidden} is not divisible by '
+                     f'{where}.num_heads={heads}.')
+  rates = {}
   for key in ('dropout_rate', 'attention_dropout_rate'):
     rate = enc.get(key, 0.0)
-    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1):
-      raise ValueError(f'model.encoder.{key}={rate!r} must be a number in [0, 1).')
-  pos = dict(enc.get('position_emb') or {'name': 'learned'})
-  if pos.get('name', 'learned') not in vit.POSITION_EMBS:
-    raise ValueError(f'model.encoder.position_emb.name={pos.get("name")!r} is unknown; '
-                     f'valid: {vit.POSITION_EMBS}.')
-  enc['position_emb'] = pos
-  if 'compute_dtype' in enc:
-    precision.check(enc['compute_dtype'], 'model.encoder.compute_dtype')
-  _validate_scan_remat(enc)
-  if enc.get('moe') is not None:
-    enc['moe'] = _validate_moe(dict(enc['moe']), num_layers, c.get('num_classes'))
-  return {'name': name, **c}
-
-
-def _validate_scan_remat(enc: dict):
-  """scan: a bool; remat: a vit.REMAT name, or a bool (True: 'full', False: 'none')."""
+    if not (checks.is_number(rate) and 0 <= rate < 1):
+      raise ValueError(f'{where}.{key}={rate!r} must be a number in [0, 1).')
+    rates[key] = rate
+  pos = enc.get('position_emb') or {}
+  pos_name = checks.one_of(pos.get('name', 'learned'), vit.POSITION_EMBS,
+                           f'{where}.position_emb.name')
   scan = enc.get('scan', False)
   if not isinstance(scan, bool):
-    raise ValueError(f'model.encoder.scan={scan!r} must be True (run repeated blocks with '
+    raise ValueError(f'{where}.scan={scan!r} must be True (run repeated blocks with '
                      'nn.scan) or False.')
   remat = enc.get('remat', 'none')
   if remat is None or isinstance(remat, bool):
     remat = 'full' if remat else 'none'
   if not isinstance(remat, str) or remat not in vit.REMAT:
-    raise ValueError(f'model.encoder.remat={remat!r} is unknown; valid: '
-                     f'{sorted(vit.REMAT)} (or True for \'full\', False for \'none\').')
-  if 'scan' in enc or 'remat' in enc:
-    enc['scan'], enc['remat'] = scan, remat
-
-
-def _validate_moe(moe: dict, num_layers: int, num_classes: Optional[int]) -> dict:
-  where = 'model.encoder.moe'
-  _check_keys(moe, MOE_KEYS, where)
-  layers = tuple(moe.get('layers') or ())
-  bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
+    raise ValueError(f'{where}.remat={remat!r} is unknown; valid: {sorted(vit.REMAT)} (or '
+                     "True for 'full', False for 'none').")
+  moe_config = enc.get('moe') or {}
+  layers = tuple(moe_config.get('layers') or ())
+  bad = [i for i in layers if not checks.is_int(i) or not 0 <= i < num_layers]
   if bad:
-    raise ValueError(f'{where}.layers={layers} has indices {bad} outside [0, {num_layers}) '
-                     f'(num_layers={num_layers}).')
-  moe['layers'] = layers
-  if not layers:
-    return moe
-  e = _positive_int(moe, 'num_experts', where)
-  _positive_int(moe, 'group_size', where)
+    raise ValueError(f'{where}.moe.layers={layers} has indices {bad} outside [0, '
+                     f'{num_layers}) (num_layers={num_layers}).')
+  return spec_lib.EncoderSpec(
+      num_layers=num_layers, mlp_dim=mlp_dim, num_heads=heads, **rates,
+      attention_qk_norm=enc.get('attention_qk_norm', False), position_emb=pos_name,
+      position_temperature=pos.get('temperature', 10_000.),
+      compute_dtype=precision.check(enc.get('compute_dtype', 'float32'),
+                                    f'{where}.compute_dtype'),
+      scan=scan, remat=remat, moe_layers=layers,
+      moe=_moe(moe_config, num_classes) if layers else None)
+
+
+def _moe(moe: Mapping[str, Any], num_classes: Optional[int]) -> spec_lib.MoeSpec:
+  """Everything of a MoE layer that does not depend on the input size."""
+  where = 'model.encoder.moe'
+  checks.check_keys(moe, MOE_KEYS, where)
+  e = checks.positive_int(checks.required(moe, 'num_experts', where), f'{where}.num_experts')
+  s = checks.positive_int(checks.required(moe, 'group_size', where), f'{where}.group_size')
   shared = moe.get('shared_experts', 0)
-  if not isinstance(shared, int) or shared < 0:
+  if not checks.is_int(shared) or shared < 0:
     raise ValueError(f'{where}.shared_experts={shared!r} must be an integer >= 0.')
-  router = moe['router'] = dict(moe.get('router') or {})
-  name = router.setdefault('name', 'NoisyTopExpertsPerItemRouter')
-  if name not in routers_lib.ROUTERS:
-    raise ValueError(f'{where}.router.name={name!r} is unknown; valid: '
-                     f'{sorted(routers_lib.ROUTERS)}.')
+  router = dict(moe.get('router') or {})
+  name = checks.one_of(router.pop('name', 'NoisyTopExpertsPerItemRouter'),
+                       sorted(routers_lib.ROUTERS), f'{where}.router.name')
   where = f'{where}.router'
-  if 'num_classes' in router and router['num_classes'] == num_classes:
-    del router['num_classes']  # Set below by validation itself: validating twice is fine.
-  _check_keys(router, routers_lib.router_fields(name), where)
-  k = router.get('num_selected_experts', 1)
-  if 'num_selected_experts' in router and (not isinstance(k, int) or not 1 <= k <= e):
+  cls = routers_lib.ROUTERS[name]
+  disp = dict(router.pop('dispatcher', None) or {})
+  sizing_keys = getattr(cls, 'SIZING_KEYS', ())
+  sizing = {k: router.pop(k) for k in sizing_keys if k in router}
+  defaults = routers_lib.options(name)
+  checks.check_keys(router, ('name', 'dispatcher', *sizing_keys, *defaults), where)
+  options = {**defaults, **router}
+  k = options.get('num_selected_experts', 1)
+  if not checks.is_int(k) or not 1 <= k <= e:
     raise ValueError(f'{where}.num_selected_experts={k!r} must be in [1, num_experts={e}]; '
                      'lower it or add experts.')
-  disp = router['dispatcher'] = dict(router.get('dispatcher') or {})
-  _check_keys(disp, routers_lib.DISPATCHER_KEYS, f'{where}.dispatcher')
-  kind = disp.setdefault('name', 'einsum')
-  if kind not in routing_lib.DISPATCH_KINDS:
-    raise ValueError(f'{where}.dispatcher.name={kind!r} is unknown; valid: '
-                     f'{routing_lib.DISPATCH_KINDS}.')
-  if name in routers_lib.HARD_ROUTERS:
-    if kind == 'ragged':
-      _validate_ragged(router, disp, e, where)
-    _validate_capacity(disp, f'{where}.dispatcher')
-  else:
-    _validate_soft(router, disp, where)
-  if name == 'PerImageRouter':
-    if router.get('image_repr', 'mean') not in routers_lib.per_image.IMAGE_REPRS:
-      raise ValueError(f'{where}.image_repr={router["image_repr"]!r} is unknown; valid: '
-                       f'{routers_lib.per_image.IMAGE_REPRS}.')
-    if router.get('superclasses') is not None:
-      routers_lib.per_image.load_superclasses(router['superclasses'], num_classes, e)
-      router['num_classes'] = num_classes
-  return moe
+  if options.get('image_repr', 'mean') not in per_image.IMAGE_REPRS:
+    raise ValueError(f'{where}.image_repr={options["image_repr"]!r} is unknown; valid: '
+                     f'{per_image.IMAGE_REPRS}.')
+  if options.get('superclasses') is not None:
+    options['superclasses'] = per_image.load_superclasses(options['superclasses'],
+                                                          num_classes, e)
+  kind, rule = _dispatch(cls, disp, sizing, e, k, f'{where}.dispatcher')
+  return spec_lib.MoeSpec(
+      num_experts=e, group_size=s, router=name, options=tuple(sorted(options.items())),
+      dispatch=kind, bfloat16=bool(disp.get('bfloat16', False)),
+      batch_priority=bool(disp.get('batch_priority', False)), capacity_rule=rule,
+      split_rngs=bool(moe.get('split_rngs', False)), shared_experts=shared)
 
 
-def _validate_ragged(router: dict, disp: dict, num_experts: int, where: str):
-  """Ragged dispatch sorts each token's K choices by expert: token-choice routers only."""
-  if 'num_selected_experts' not in routers_lib.router_fields(router['name']):
-    raise ValueError(f"{where}.dispatcher.name='ragged' needs a router where each token "
-                     f"picks K experts; {router['name']} fills expert slots instead: use "
-                     "'indices' (or 'einsum').")
-  if disp.get('capacity') is None and disp.get('capacity_factor') is None:
-    # Dropless: room in every expert for every token (each token picks distinct experts).
-    disp['capacity_factor'] = num_experts / router.get('num_selected_experts', 1)
-
-
-def _validate_capacity(disp: dict, where: str):
+def _dispatch(cls, disp: dict, sizing: dict, e: int, k: int, where: str
+              ) -> tuple[str, spec_lib.CapacityRule]:
+  """(dispatch kind, capacity rule) of the router class `cls` and its dispatcher config."""
+  checks.check_keys(disp, DISPATCHER_KEYS, where)
+  kind = checks.one_of(disp.get('name', 'einsum'), routing.DISPATCH_KINDS, f'{where}.name')
+  router = where.rsplit('.', 1)[0]
+  if cls.SLOTS == 'soft':
+    if kind != 'einsum':
+      raise ValueError(f"{where}.name={kind!r}: Soft MoE mixes every token into every "
+                       "slot, so only 'einsum' dispatch applies.")
+    extra = sorted(set(disp) - {'name', 'bfloat16'})
+    if extra:
+      raise ValueError(f'{where} keys {extra} do not apply to SoftRouter; size its slots '
+                       f'with {router}.num_slots or {router}.capacity_factor.')
+    slots, cf = sizing.get('num_slots'), sizing.get('capacity_factor', 1.0)
+    if slots is not None and (not checks.is_int(slots) or slots < 1):
+      raise ValueError(f'{router}.num_slots={slots!r} must be an integer >= 1 (slots per '
+                       'expert).')
+    if slots is None and not (cf or 0) > 0:
+      raise ValueError(f'{router}.capacity_factor={cf!r} must be > 0 when num_slots is not '
+                       'set.')
+    return 'soft', spec_lib.CapacityRule(slots, cf, 'round', 1)
   cap, cf = disp.get('capacity'), disp.get('capacity_factor')
+  if kind == 'ragged':
+    if cls.SLOTS == 'tokens':
+      raise ValueError(f"{where}.name='ragged' needs a router where each token picks K "
+                       f"experts; {cls.__name__} fills expert slots instead: use 'indices' "
+                       "(or 'einsum').")
+    if cap is None and cf is None:  # Dropless: room in every expert for every token.
+      cf = e / k
   if (cap is None) == (cf is None):
     raise ValueError(f'{where} needs exactly one of capacity and capacity_factor, got '
                      f'capacity={cap!r}, capacity_factor={cf!r}.')
-  if cap is not None and (not isinstance(cap, int) or cap < 1):
+  if cap is not None and (not checks.is_int(cap) or cap < 1):
     raise ValueError(f'{where}.capacity={cap!r} must be an integer >= 1.')
   if cf is not None and not cf > 0:
     raise ValueError(f'{where}.capacity_factor={cf!r} must be > 0.')
-  if disp.get('capacity_ceil_or_round', 'ceil') not in ('ceil', 'round'):
-    raise ValueError(f'{where}.capacity_ceil_or_round={disp["capacity_ceil_or_round"]!r} '
-                     'must be "ceil" or "round".')
+  ceil_or_round = disp.get('capacity_ceil_or_round', 'ceil')
+  if ceil_or_round not in ('ceil', 'round'):
+    raise ValueError(f'{where}.capacity_ceil_or_round={ceil_or_round!r} must be "ceil" or '
+                     '"round".')
+  # Per-image capacity counts images: rounding it up to a multiple of 4 (the token-level
+  # default) would pad each expert by up to 3 whole images.
+  multiple_of = disp.get('capacity_multiple_of', 1 if cls.SLOTS == 'images' else 4)
+  return kind, spec_lib.CapacityRule(cap, cf, ceil_or_round, multiple_of)
 
 
-def _validate_soft(router: dict, disp: dict, where: str):
-  if disp['name'] != 'einsum':
-    raise ValueError(f'{where}.dispatcher.name={disp["name"]!r}: Soft MoE mixes every token '
-                     "into every slot, so only 'einsum' dispatch applies.")
-  extra = sorted(set(disp) - {'name', 'bfloat16'})
-  if extra:
-    raise ValueError(f'{where}.dispatcher keys {extra} do not apply to SoftRouter; size its '
-                     f'slots with {where}.num_slots or {where}.capacity_factor.')
-  slots, cf = router.get('num_slots'), router.get('capacity_factor', 1.0)
-  if slots is not None and (not isinstance(slots, int) or slots < 1):
-    raise ValueError(f'{where}.num_slots={slots!r} must be an integer >= 1 (slots per '
-                     'expert).')
-  if slots is None and not (cf or 0) > 0:
-    raise ValueError(f'{where}.capacity_factor={cf!r} must be > 0 when num_slots is not set.')
+def compute_capacity(num_slots: int, num_experts: int, capacity_factor: float,
+                     ceil_or_round: Literal['ceil', 'round'] = 'ceil',
+                     multiple_of: Optional[int] = 4) -> int:
+  """Buffer slots per expert: num_slots * capacity_factor / num_experts, rounded.
 
-
-def check_input(config: Any, batch_size: int, image_size: Sequence[int]) -> None:
-  """Checks what depends on the input shape: patches tile the image, groups the tokens."""
-  c = validate(config)
-  (ph, pw), (h, w) = c['patch_size'], tuple(image_size)[:2]
-  if h % ph or w % pw:
-    raise ValueError(f'model.patch_size={c["patch_size"]} does not tile images of '
-                     f'{h}x{w}; choose a patch size that divides the image size.')
-  tokens = (h // ph) * (w // pw) + (c.get('classifier', 'token') == 'token')
-  moe = c['encoder'].get('moe') or {}
-  if moe.get('layers'):
-    s = moe['group_size']
-    if (batch_size * tokens) % s:
-      raise ValueError(
-          f'model.encoder.moe.group_size={s} does not divide the {batch_size * tokens} '
-          f'tokens of a batch ({batch_size} images x {tokens} tokens); use a multiple of '
-          f'{tokens} that divides {batch_size * tokens}.')
-    router, e = moe['router'], moe['num_experts']
-    if router['name'] == 'PerImageRouter':
-      # Per-image capacity counts images: images per group x K.
-      routers_lib.capacity_from_config(
-          router['dispatcher'], s // tokens * router.get('num_selected_experts', 1), e)
-    elif router['name'] == 'SoftRouter':
-      if router.get('num_slots') is None:
-        routing_lib.compute_capacity(s, e, router.get('capacity_factor', 1.0), 'round', 1)
-    else:
-      # Token choice fills S * K slots, expert choice S (its K is implicit).
-      routers_lib.capacity_from_config(
-          router['dispatcher'], s * router.get('num_selected_experts', 1), e)
-
-
-def build_model(config: Any, overrides: Optional[Mapping[str, Any]] = None) -> nn.Module:
-  """Model from a config dict/ConfigDict; overrides maps dotted keys to new values."""
-  c = validate(apply_overrides(config, overrides or {}))
-  name = c.pop('name')
-  return MODELS[name](**c)
-
-
-def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> dict:
-  """Copy of config with e.g. {'encoder.moe.router.dispatcher.capacity_factor': 0.5}."""
-  c = to_dict(config)
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      if not isinstance(node.get(p), dict):
-        if node.get(p) is None:
-          node[p] = {}
-        else:
-          raise ValueError(f'Override {key!r}: {p!r} is not a sub-config.')
-      node = node[p]
-    node[last] = value
+  num_slots is what a group fills: S * K token choices, S tokens (expert choice), n * K
+  image choices (per-image routing). E.g. S=400, K=2, cf=1.05, E=8 -> ceil(105.0) = 105
+  -> 108 (multiple of 4).
+  """
+  c = num_slots * capacity_factor / num_experts
+  c = int(math.ceil(c)) if ceil_or_round == 'ceil' else int(round(c))
+  if multiple_of and c % multiple_of:
+    c += multiple_of - c % multiple_of
+  if c < 1:
+    raise ValueError(
+        f'capacity_factor={capacity_factor} gives a capacity of {c} slots per expert '
+        f'({num_slots} slots to fill, {num_experts} experts); increase capacity_factor or '
+        'set capacity_multiple_of.')
   return c
+
+
+def resolve_moe(config: Mapping[str, Any], *, tokens_per_image: int,
+                num_classes: Optional[int] = None) -> spec_lib.MoeSpec:
+  """The MoeSpec of a `model.encoder.moe` config (with `layers`) on its own, for images
+  of `tokens_per_image` tokens: a MoE layer outside a model (benchmarks, tests)."""
+  return _moe_at(_moe(checks.to_dict(config), num_classes), tokens_per_image,
+                 f'images of {tokens_per_image} tokens')
+
+
+def _at(spec: ModelSpec, image_size: tuple[int, int]) -> ModelSpec:
+  """spec for images of `image_size`: patches tile them; tokens and capacity follow."""
+  (ph, pw), (h, w) = spec.patch_size, image_size
+  if h % ph or w % pw:
+    raise ValueError(f'model.patch_size={spec.patch_size} does not tile images of '
+                     f'{h}x{w}; choose a patch size that divides the image size.')
+  spec = dataclasses.replace(spec, image_size=(h, w))
+  if spec.encoder.moe is None:
+    return spec
+  moe = _moe_at(spec.encoder.moe, spec.tokens_per_image, f'a {h}x{w} image')
+  return dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, moe=moe))
+
+
+def _moe_at(moe: spec_lib.MoeSpec, t: int, images: str) -> spec_lib.MoeSpec:
+  """moe for images of t tokens (`images` describes them): its capacity."""
+  s, e, k = moe.group_size, moe.num_experts, moe.num_selected_experts
+  where = 'model.encoder.moe'
+  if moe.slots == 'images' and s % t:
+    raise ValueError(f'{where}.group_size={s}: per-image routing needs whole images in a '
+                     f'group, a multiple of the {t} tokens of {images}.')
+  needed = {'choices': s * k, 'tokens': s, 'images': s // t * k, 'soft': s}[moe.slots]
+  rule = moe.capacity_rule
+  c = rule.capacity or compute_capacity(needed, e, rule.factor, rule.ceil_or_round,
+                                        rule.multiple_of)
+  if moe.slots == 'tokens' and c > s:
+    raise ValueError(f'{where}: expert-choice capacity {c} exceeds the group size {s}; '
+                     'lower capacity_factor or raise group_size.')
+  return dataclasses.replace(moe, tokens_per_image=t, capacity=c)

@@ -10,7 +10,8 @@ layout, then to the expert layout, and XLA moves it between the two by all-to-al
 back after the experts). Without `sharding` the layer has no sharding annotation at all.
 """
 import dataclasses
-from typing import Any, Mapping, Optional
+import re
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -19,9 +20,18 @@ import jax.numpy as jnp
 from vmoe.nn import mlp
 from vmoe.nn import routers as routers_lib
 from vmoe.nn import routing as routing_lib
+from vmoe.nn import spec as spec_lib
+from vmoe.nn.routers import common as router_metrics
 
 Array = jax.Array
 P = jax.sharding.PartitionSpec
+# Params of the experts, stacked on a leading E axis ([L, E, ...] when scanned).
+EXPERT_PARAMS = r'(^|/)Moe/Mlp/'
+
+
+def is_expert_param(name: str) -> bool:
+  """name: a '/'-joined param (or optimizer-state) path."""
+  return bool(re.search(EXPERT_PARAMS, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,74 +71,56 @@ class MoeLayer(nn.Module):
   """Sparse (or soft) MoE of MLPs. Params: Router/..., Mlp/Dense_{0,1} with leading E.
 
   Attributes:
-    group_size: S, tokens per group; all tokens [B, T] are split into B*T/S groups that
-      are routed independently.
-    router: router config (name, its options, and `dispatcher` {name: 'einsum' |
-      'indices' | 'ragged', capacity or capacity_factor, batch_priority, bfloat16, ...}).
+    spec: the resolved MoE layer (vmoe/nn/spec.py): router, dispatch kind, group size S
+      (all tokens [B, T] are split into B*T/S groups that are routed independently),
+      capacity, shared experts, ...
+    mlp_dim, dropout_rate: the experts' hidden width and dropout (the encoder's).
     compute_dtype: matmul precision of the experts (vmoe/nn/precision.py): 'float32' or
       'bfloat16' (bf16 inputs, float32 accumulation); the router stays float32.
-    split_rngs: initialise each expert with its own random draw (else all the same).
     sharding: the device mesh's axes for the groups and the experts, or None (no
       sharding annotations; e.g. on one device).
   """
+  spec: spec_lib.MoeSpec
   mlp_dim: int
-  num_experts: int
-  group_size: int
-  router: Optional[Mapping[str, Any]] = None
   dropout_rate: float = 0.0
-  split_rngs: bool = False
-  shared_experts: int = 0
-  sharding: Optional[Sharding] = None
   compute_dtype: str = 'float32'
+  sharding: Optional[Sharding] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
     """x: [B, T, D], labels: optional int [B] -> ([B, T, D], metrics of [G] arrays)."""
     b, t, d = x.shape
-    s = self.group_size
-    if (b * t) % s:
-      raise ValueError(
-          f'group_size={s} does not divide the {b * t} tokens of the batch ({b} images x '
-          f'{t} tokens); use a multiple of {t} tokens per group (whole images) that '
-          f'divides {b * t}.')
+    spec = self.spec
+    s = spec.group_size
     xg = x.reshape(b * t // s, s, d)
     if self.sharding is not None:
       xg = self.sharding.groups(xg)
-    router = dict(self.router or {})
-    name = router.pop('name', 'NoisyTopExpertsPerItemRouter')
-    dispatcher = dict(router.get('dispatcher') or {})
-    kind = dispatcher.get('name', 'einsum')
-    routing, metrics = routers_lib.ROUTERS[name](
-        num_experts=self.num_experts, name='Router', **router)(
-            xg, train=train, tokens_per_image=t, labels=labels)
+    routing, metrics = routers_lib.ROUTERS[spec.router](**spec.router_kwargs(), name='Router')(
+        xg, train=train, labels=labels)
     if isinstance(routing, routing_lib.SparseRouting):
-      metrics.update(routers_lib.routing_metrics(routing, s))
+      metrics.update(router_metrics.routing_metrics(routing, s))
       if self.is_mutable_collection('intermediates'):
         slot, weight = routing.per_token(s)
         self.sow('intermediates', 'buffer_slot', slot)
         self.sow('intermediates', 'combine_weight', weight)
+    dispatcher = routing_lib.DISPATCHERS[spec.dispatch](routing, s)
     # bfloat16 dispatch moves tokens in bfloat16 (half the memory and all-to-all bytes);
     # the experts still see the layer's dtype.
-    io_dtype = jnp.bfloat16 if dispatcher.get('bfloat16', False) else x.dtype
-    experts = mlp.ExpertMlp(self.mlp_dim, self.num_experts, self.dropout_rate,
-                            self.split_rngs, self.compute_dtype, name='Mlp')
-    if kind == 'ragged':  # Rows sorted by expert [G*S*K, D], no capacity buffers.
-      if self.sharding is not None and self.sharding.expert is not None:
-        raise ValueError("dispatcher.name='ragged' has no expert parallelism (its rows are "
-                         "sorted across all groups); use 'indices' on a mesh with an "
-                         "'expert' axis.")
-      routing = routing.sorted_by_expert()
-      x_in = routing.dispatch(xg.astype(io_dtype), kind).astype(x.dtype)
-      y = experts(x_in, train=train, group_sizes=routing.group_sizes)
-      out = routing.combine(y.astype(io_dtype), kind, s)
-    else:
-      x_in = _to_experts(routing.dispatch(xg.astype(io_dtype), kind),  # [G, E, C, D]
-                         self.sharding).astype(x.dtype)
-      y = experts(x_in, train=train)
-      out = routing.combine(_to_groups(y.astype(io_dtype), self.sharding), kind, s)
+    io_dtype = jnp.bfloat16 if spec.bfloat16 else x.dtype
+    experts = mlp.ExpertMlp(self.mlp_dim, spec.num_experts, self.dropout_rate,
+                            spec.split_rngs, self.compute_dtype, name='Mlp')
+    # Buffers [G, E, C, D] go to the experts' devices and back (all-to-all on a mesh with
+    # an 'expert' axis); ragged rows [G*S*K, D] stay where they are.
+    buffers = dispatcher.group_sizes is None
+    x_in = dispatcher.dispatch(xg.astype(io_dtype))
+    if buffers:
+      x_in = _to_experts(x_in, self.sharding)
+    y = experts(x_in.astype(x.dtype), train=train, group_sizes=dispatcher.group_sizes)
+    y = y.astype(io_dtype)
+    out = dispatcher.combine(_to_groups(y, self.sharding) if buffers else y)
     out = out.astype(x.dtype).reshape(b, t, d)
     # ViMoE shared experts: dense MLPs every token goes through, added to the routed output.
-    for i in range(self.shared_experts):
+    for i in range(spec.shared_experts):
       out = out + mlp.MlpBlock(self.mlp_dim, self.dropout_rate, self.compute_dtype,
                                name=f'SharedMlp_{i}')(x, train=train)
     return out, metrics

@@ -1,6 +1,6 @@
-"""Routing decisions as data: who goes where, with which weight.
+"""Routing decisions as data (who goes where, with which weight), and dispatchers.
 
-A router (vmoe/nn/routers/) only produces one of the objects below; the MoE layer
+A router (vmoe/nn/routers/) only produces one of the routing objects below; the MoE layer
 (vmoe/nn/moe.py) runs the same expert code for all of them. Notation: G groups, S tokens
 per group, D model width, E experts, C buffer slots per expert (capacity), K choices per
 token.
@@ -10,18 +10,21 @@ buffer slot (e, c), which token of the group sits there and with which combine w
 Routers with a fixed number K of choices per token also give the token-major form.
 `DenseRouting` holds the soft dispatch/combine tensors of Soft MoE.
 
-Dispatch kinds (`dispatcher.name`), all computing the same function of the same decisions:
-- 'einsum': one-hot matmuls, as the reference: dispatch [G, E*C, S] x [G, S, D], combine
-  [G, S, E*C] x [G, E*C, D]. O(S^2) FLOPs and memory per group (at 1568 tokens about a
-  third of the experts' FLOPs, docs/performance.md); the one choice for Soft MoE.
-- 'indices': gathers into capacity buffers [G, E, C, D] and back (combine gathers the K
-  choices of each token through `token_slot`); O(S) per group.
-- 'ragged': no buffers: the G*S*K choices become rows sorted by expert
+A dispatcher moves the tokens of a group to the experts' inputs and their outputs back
+for one routing decision. The MoE layer picks it once from the resolved dispatch kind
+(DISPATCHERS[kind](routing, S)); all compute the same function of the same decisions:
+- 'einsum' (`OneHot`): one-hot matmuls, as the reference: dispatch [G, E*C, S] x
+  [G, S, D], combine [G, S, E*C] x [G, E*C, D]. O(S^2) FLOPs and memory per group (at 1568
+  tokens about a third of the experts' FLOPs, docs/performance.md).
+- 'indices' (`Gather`): gathers into capacity buffers [G, E, C, D] and back (combine
+  gathers the K choices of each token through `token_slot`); O(S) per group.
+- 'ragged' (`Ragged`): no buffers: the G*S*K choices become rows sorted by expert
   (`sorted_by_expert`) and the experts run `jax.lax.ragged_dot`, so no padding is computed.
   Dropped choices (capacity) stay dropped; with no capacity configured nothing drops.
+- 'soft' (`Soft`): Soft MoE's weighted sums (the config calls it 'einsum', as the
+  reference does; vmoe.nn.models resolves it to 'soft').
 """
-import math
-from typing import Literal, Optional
+from typing import Optional
 
 import flax.struct
 import jax
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 from vmoe.nn import precision
 
 Array = jax.Array
+# The dispatch kinds a config may name (dispatcher.name).
 DISPATCH_KINDS = ('einsum', 'indices', 'ragged')
 
 
@@ -38,31 +42,10 @@ def _precision_of(x: Array) -> str:
   return 'bfloat16' if x.dtype == jnp.bfloat16 else 'float32'
 
 
-def _unknown(kind: str) -> ValueError:
-  return ValueError(f'Unknown dispatch kind {kind!r}; valid: {DISPATCH_KINDS}.')
-
-
-def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
-                     ceil_or_round: Literal['ceil', 'round'] = 'ceil',
-                     multiple_of: Optional[int] = 4) -> int:
-  """Buffer slots per expert: num_tokens * capacity_factor / num_experts, rounded.
-
-  num_tokens is S * K for token choice and S for expert choice. E.g. S=400, K=2,
-  cf=1.05, E=8 -> ceil(105.0) = 105 -> 108 (multiple of 4).
-  """
-  if ceil_or_round not in ('ceil', 'round'):
-    raise ValueError(f'capacity_ceil_or_round={ceil_or_round!r} is not valid; '
-                     "use 'ceil' or 'round'.")
-  c = num_tokens * capacity_factor / num_experts
-  c = int(math.ceil(c)) if ceil_or_round == 'ceil' else int(round(c))
-  if multiple_of and c % multiple_of:
-    c += multiple_of - c % multiple_of
-  if c < 1:
-    raise ValueError(
-        f'capacity_factor={capacity_factor} gives a capacity of {c} slots per expert '
-        f'({num_tokens} tokens, {num_experts} experts); increase capacity_factor or '
-        'set capacity_multiple_of.')
-  return c
+def _take(x: Array, idx: Array) -> Array:
+  """x[idx] along axis 0; an index past the end (an empty slot, a dropped choice) gives a
+  zero row."""
+  return jnp.take(x, idx, axis=0, mode='fill', fill_value=0)
 
 
 @flax.struct.dataclass
@@ -80,56 +63,8 @@ class SparseRouting:
   token_slot: Optional[Array] = None
   token_weight: Optional[Array] = None
 
-  @property
-  def shape(self):
-    """(G, S, E, C)."""
-    g, e, c = self.slot_token.shape
-    s = self.token_slot.shape[1] if self.token_slot is not None else None
-    return g, s, e, c
-
-  def dispatch(self, x: Array, kind: str) -> Array:
-    """x: [G, S, D] -> expert inputs [G, E, C, D] in x's dtype (zeros in empty slots)."""
-    g, s, d = x.shape
-    _, e, c = self.slot_token.shape
-    if kind == 'einsum':
-      onehot = self.slot_token.reshape(g, e * c, 1) == jnp.arange(s)  # [G, E*C, S]
-      y = precision.dot(onehot.astype(x.dtype), x, _precision_of(x))
-      return y.astype(x.dtype).reshape(g, e, c, d)
-    if kind == 'indices':
-      # Slot value S is out of range: mode='fill' turns it into a zero row.
-      take = lambda xg, ig: jnp.take(xg, ig, axis=0, mode='fill', fill_value=0)
-      return jax.vmap(take)(x, self.slot_token.reshape(g, e * c)).reshape(g, e, c, d)
-    if kind == 'ragged':
-      raise ValueError("Ragged dispatch has no capacity buffers: dispatch with "
-                       "routing.sorted_by_expert() instead.")
-    raise _unknown(kind)
-
-  def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
-    """y: [G, E, C, D] expert outputs -> [G, S, D] weighted by the combine weights."""
-    g, e, c, d = y.shape
-    w = self.slot_weight.astype(y.dtype)
-    if kind == 'einsum':
-      # Weights go on the slots, not into the one-hot: their gradient is then a dot product
-      # per slot instead of one more [G, S, E*C] matmul in the backward pass.
-      onehot = self.slot_token.reshape(g, 1, e * c) == jnp.arange(num_tokens)[:, None]
-      wy = y.reshape(g, e * c, d) * w.reshape(g, e * c, 1)
-      return precision.dot(onehot.astype(y.dtype), wy, _precision_of(y)).astype(y.dtype)
-    if kind == 'indices':
-      y = y.reshape(g, e * c, d)
-      if self.token_slot is not None:
-        # K choices per token: gather them and sum, no scatter needed.
-        take = lambda yg, ig: jnp.take(yg, ig, axis=0, mode='fill', fill_value=0)
-        yk = jax.vmap(take)(y, self.token_slot)  # [G, S, K, D]
-        return jnp.einsum('gskd,gsk->gsd', yk, self.token_weight.astype(y.dtype))
-      seg = lambda yg, tg: jax.ops.segment_sum(yg, tg, num_segments=num_tokens)
-      return jax.vmap(seg)(y * w.reshape(g, e * c, 1), self.slot_token.reshape(g, e * c))
-    raise _unknown(kind)
-
   def sorted_by_expert(self) -> 'RaggedRouting':
     """The same decisions as rows sorted by expert, for kind 'ragged'."""
-    if self.token_slot is None:
-      raise ValueError("Dispatch kind 'ragged' needs K choices per token (a token-choice "
-                       "router); experts that pick tokens fill every slot: use 'indices'.")
     g, e, c = self.slot_token.shape
     _, s, k = self.token_slot.shape
     expert = (self.token_slot // c).reshape(-1)  # [N] in (g, s, k) order; E if dropped.
@@ -170,18 +105,6 @@ class RaggedRouting:
   token_row: Array
   token_weight: Array
 
-  def dispatch(self, x: Array, kind: str = 'ragged') -> Array:
-    """x: [G, S, D] -> rows [N, D]."""
-    del kind  # Only 'ragged' makes a RaggedRouting.
-    return jnp.take(x.reshape(-1, x.shape[-1]), self.row_token, axis=0)
-
-  def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
-    """y: [N, D] expert outputs per row -> [G, S, D] weighted by the combine weights."""
-    del kind, num_tokens  # Rows and token_row say everything.
-    # Row N (dropped) is out of range: a zero row. Rows past the groups are never read.
-    yk = jnp.take(y, self.token_row, axis=0, mode='fill', fill_value=0)  # [G, S, K, D]
-    return jnp.einsum('gskd,gsk->gsd', yk, self.token_weight.astype(y.dtype))
-
 
 @flax.struct.dataclass
 class DenseRouting:
@@ -193,13 +116,92 @@ class DenseRouting:
   dispatch_weights: Array
   combine_weights: Array
 
-  def dispatch(self, x: Array, kind: str) -> Array:
-    del kind  # Soft routing is einsum by nature; validation rejects other kinds.
-    return jnp.einsum('gsep,gsd->gepd', self.dispatch_weights.astype(x.dtype), x)
 
-  def combine(self, y: Array, kind: str, num_tokens: int) -> Array:
-    del kind, num_tokens
-    return jnp.einsum('gsep,gepd->gsd', self.combine_weights.astype(y.dtype), y)
+class _Buffers:
+  """Dispatch into buffers [G, E, C, D] (on a mesh, the MoE layer moves them to the
+  experts' devices and back); `group_sizes` is for ragged rows only."""
+  group_sizes = None
+
+  def __init__(self, routing, num_tokens: int):
+    self.routing, self.num_tokens = routing, num_tokens
+
+
+class OneHot(_Buffers):
+  """'einsum': x [G, S, D] -> buffers [G, E, C, D] by one-hot matmuls, and back."""
+
+  def dispatch(self, x: Array) -> Array:
+    """x: [G, S, D] -> expert inputs [G, E, C, D] in x's dtype (zeros in empty slots)."""
+    g, s, d = x.shape
+    _, e, c = self.routing.slot_token.shape
+    onehot = self.routing.slot_token.reshape(g, e * c, 1) == jnp.arange(s)  # [G, E*C, S]
+    y = precision.dot(onehot.astype(x.dtype), x, _precision_of(x))
+    return y.astype(x.dtype).reshape(g, e, c, d)
+
+  def combine(self, y: Array) -> Array:
+    """y: [G, E, C, D] expert outputs -> [G, S, D] weighted by the combine weights."""
+    g, e, c, d = y.shape
+    w = self.routing.slot_weight.astype(y.dtype)
+    # Weights go on the slots, not into the one-hot: their gradient is then a dot product
+    # per slot instead of one more [G, S, E*C] matmul in the backward pass.
+    onehot = (self.routing.slot_token.reshape(g, 1, e * c)
+              == jnp.arange(self.num_tokens)[:, None])
+    wy = y.reshape(g, e * c, d) * w.reshape(g, e * c, 1)
+    return precision.dot(onehot.astype(y.dtype), wy, _precision_of(y)).astype(y.dtype)
+
+
+class Gather(_Buffers):
+  """'indices': x [G, S, D] -> buffers [G, E, C, D] by gathers, and back."""
+
+  def dispatch(self, x: Array) -> Array:
+    g, _, d = x.shape
+    _, e, c = self.routing.slot_token.shape
+    return jax.vmap(_take)(x, self.routing.slot_token.reshape(g, e * c)).reshape(g, e, c, d)
+
+  def combine(self, y: Array) -> Array:
+    g, e, c, d = y.shape
+    y = y.reshape(g, e * c, d)
+    r = self.routing
+    if r.token_slot is not None:
+      # K choices per token: gather them and sum, no scatter needed.
+      yk = jax.vmap(_take)(y, r.token_slot)  # [G, S, K, D]
+      return jnp.einsum('gskd,gsk->gsd', yk, r.token_weight.astype(y.dtype))
+    w = r.slot_weight.astype(y.dtype)
+    seg = lambda yg, tg: jax.ops.segment_sum(yg, tg, num_segments=self.num_tokens)
+    return jax.vmap(seg)(y * w.reshape(g, e * c, 1), r.slot_token.reshape(g, e * c))
+
+
+class Ragged:
+  """'ragged': x [G, S, D] -> rows [N, D] sorted by expert (`group_sizes` [E] rows per
+  expert, for jax.lax.ragged_dot), and back. Needs K choices per token (token choice)."""
+
+  def __init__(self, routing: SparseRouting, num_tokens: int):
+    del num_tokens  # The rows and token_row say everything.
+    self.rows = routing.sorted_by_expert()
+    self.group_sizes = self.rows.group_sizes
+
+  def dispatch(self, x: Array) -> Array:
+    """x: [G, S, D] -> rows [N, D]."""
+    return jnp.take(x.reshape(-1, x.shape[-1]), self.rows.row_token, axis=0)
+
+  def combine(self, y: Array) -> Array:
+    """y: [N, D] expert outputs per row -> [G, S, D] weighted by the combine weights."""
+    # Row N (dropped) is out of range: a zero row. Rows past the groups are never read.
+    yk = _take(y, self.rows.token_row)  # [G, S, K, D]
+    return jnp.einsum('gskd,gsk->gsd', yk, self.rows.token_weight.astype(y.dtype))
+
+
+class Soft(_Buffers):
+  """'soft': every slot [G, E, P, D] a weighted sum of the group's tokens, every output a
+  weighted sum of the slots (DenseRouting)."""
+
+  def dispatch(self, x: Array) -> Array:
+    return jnp.einsum('gsep,gsd->gepd', self.routing.dispatch_weights.astype(x.dtype), x)
+
+  def combine(self, y: Array) -> Array:
+    return jnp.einsum('gsep,gepd->gsd', self.routing.combine_weights.astype(y.dtype), y)
+
+
+DISPATCHERS = {'einsum': OneHot, 'indices': Gather, 'ragged': Ragged, 'soft': Soft}
 
 
 def top_experts_per_item(gates: Array, num_selected_experts: int, capacity: int,
@@ -248,9 +250,6 @@ def top_items_per_expert(gates: Array, capacity: int, weights: Optional[Array] =
   gates: [G, S, E] scores; combine weight = the gate, or `weights` [G, S, E] if given.
   A token may be taken by 0..E experts.
   """
-  if capacity > gates.shape[1]:
-    raise ValueError(f'Expert-choice capacity {capacity} exceeds the group size '
-                     f'{gates.shape[1]}; lower capacity_factor or raise group_size.')
   weight, token = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)  # [G, E, C]
   if weights is not None:
     weight = jnp.take_along_axis(jnp.swapaxes(weights, 1, 2), token, axis=2)

@@ -145,7 +145,7 @@ def unscan_tree(tree: Any) -> Any:
 
 
 def scan_tree(tree: Any, segments: Sequence[Segment]) -> Any:
-  """Nested unscanned params -> the layout of `segments` (e.g. `model_segments(config)`)."""
+  """Nested unscanned params -> the layout of `segments` (e.g. `vit.Encoder(spec).segments()`)."""
   flat = traverse_util.flatten_dict(tree, sep='/')
   return traverse_util.unflatten_dict(scan(flat, segments), sep='/')
 

@@ -6,7 +6,7 @@ Mlp | Moe}, Encoder/encoder_norm, pre_logits, head), so released checkpoints loa
 With encoder.scan, repeated blocks live under Encoder/scan_{a}_{p}x{r}/block_{j} with a
 leading layer axis instead (vmoe/nn/scan.py converts between the two).
 """
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import precision
 from vmoe.nn import scan as scan_lib
+from vmoe.nn import spec as spec_lib
 from vmoe.nn.mlp import MlpBlock
 
 Array = jax.Array
@@ -41,36 +42,34 @@ def sincos2d(h: int, w: int, d: int, temperature: float = 10_000.) -> Array:
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN block: x + Attn(LN(x)), then x + Mlp(LN(x)) or x + Moe(LN(x))."""
-  num_heads: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  attention_qk_norm: bool = False
-  moe: Optional[Mapping[str, Any]] = None  # MoeLayer kwargs if this block is MoE.
+  """Pre-LN block: x + Attn(LN(x)), then x + Mlp(LN(x)) or x + Moe(LN(x)).
+
+  spec: the encoder's; moe: this block's MoE layer, or None for a dense block.
+  """
+  spec: spec_lib.EncoderSpec
+  moe: Optional[spec_lib.MoeSpec] = None
   moe_sharding: Optional[moe_lib.Sharding] = None
-  compute_dtype: str = 'float32'  # Matmul precision (vmoe/nn/precision.py).
 
   @nn.compact
   def __call__(self, x: Array, labels: Optional[Array], train: bool):
     """x: [B, T, D] -> ([B, T, D], metrics or None). Positional: nn.remat needs train
     static (static_argnums)."""
+    spec = self.spec
     y = nn.LayerNorm(name='LayerNorm_0')(x)
-    dot_general = precision.dot_general(self.compute_dtype)  # Projections; softmax in f32.
+    dot_general = precision.dot_general(spec.compute_dtype)  # Projections; softmax in f32.
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
-        normalize_qk=self.attention_qk_norm, deterministic=not train,
+        num_heads=spec.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+        broadcast_dropout=False, dropout_rate=spec.attention_dropout_rate,
+        normalize_qk=spec.attention_qk_norm, deterministic=not train,
         qkv_dot_general=dot_general, out_dot_general=dot_general,
         name='SelfAttention')(y, y)
-    x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    x = x + nn.Dropout(spec.dropout_rate, deterministic=not train)(y)
     y = nn.LayerNorm(name='LayerNorm_1')(x)
     if self.moe is None:
-      return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.compute_dtype,
+      return x + MlpBlock(spec.mlp_dim, spec.dropout_rate, spec.compute_dtype,
                           name='Mlp')(y, train=train), None
-    y, metrics = moe_lib.MoeLayer(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                                  sharding=self.moe_sharding,
-                                  compute_dtype=self.compute_dtype, name='Moe', **self.moe)(
+    y, metrics = moe_lib.MoeLayer(self.moe, spec.mlp_dim, spec.dropout_rate,
+                                  spec.compute_dtype, self.moe_sharding, name='Moe')(
                                       y, train=train, labels=labels)
     return x + y, metrics
 
@@ -89,82 +88,62 @@ class _Unit(nn.Module):
 
   __call__(x [B, T, D], labels) -> (x, tuple of each block's metrics or None).
   """
-  blocks: tuple[Mapping[str, Any], ...]  # EncoderBlock attributes of each block.
+  spec: spec_lib.EncoderSpec
+  moe: tuple[Optional[spec_lib.MoeSpec], ...]  # Of each block of the unit.
+  moe_sharding: Optional[moe_lib.Sharding]
   train: bool
 
   @nn.compact
   def __call__(self, x: Array, labels: Optional[Array]):
     metrics = []
-    for j, kwargs in enumerate(self.blocks):
-      x, m = EncoderBlock(**kwargs, name=f'block_{j}')(x, labels, self.train)
+    for j, moe in enumerate(self.moe):
+      x, m = EncoderBlock(self.spec, moe, self.moe_sharding, name=f'block_{j}')(
+          x, labels, self.train)
       metrics.append(m)
     return x, tuple(metrics)
 
 
 class Encoder(nn.Module):
-  """Position embedding, blocks, final LayerNorm. MoE blocks at `moe['layers']`.
+  """Position embedding, blocks, final LayerNorm. MoE blocks at `spec.moe_layers`.
 
-  scan: run repeated units of blocks with nn.scan (vmoe/nn/scan.py: names, layout);
-  remat: a REMAT policy name applied to every block (every unit when scanned).
+  spec.scan: run repeated units of blocks with nn.scan (vmoe/nn/scan.py: names, layout);
+  spec.remat: a REMAT policy name applied to every block (every unit when scanned).
   """
-  num_layers: int
-  mlp_dim: int
-  num_heads: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  attention_qk_norm: bool = False
-  moe: Optional[Mapping[str, Any]] = None
-  position_emb: Optional[Mapping[str, Any]] = None
+  spec: spec_lib.EncoderSpec
   moe_sharding: Optional[moe_lib.Sharding] = None
-  compute_dtype: str = 'float32'  # Matmul precision of every block (vmoe/nn/precision.py).
-  scan: bool = False
-  remat: str = 'none'
-
-  def blocks(self) -> list[dict[str, Any]]:
-    """EncoderBlock attributes of every block."""
-    moe = dict(self.moe or {})
-    moe_layers = tuple(moe.pop('layers', ()))
-    return [dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                 dropout_rate=self.dropout_rate,
-                 attention_dropout_rate=self.attention_dropout_rate,
-                 attention_qk_norm=self.attention_qk_norm,
-                 moe=moe if i in moe_layers else None, moe_sharding=self.moe_sharding,
-                 compute_dtype=self.compute_dtype) for i in range(self.num_layers)]
 
   def segments(self) -> tuple[scan_lib.Segment, ...]:
     """The scanned segments (none without scan); MoE blocks differ from dense ones."""
-    if not self.scan:
+    if not self.spec.scan:
       return ()
-    moe_layers = set((self.moe or {}).get('layers', ()))
-    return scan_lib.layout([i in moe_layers for i in range(self.num_layers)])
+    return scan_lib.layout([i in self.spec.moe_layers for i in range(self.spec.num_layers)])
 
   @nn.compact
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
                labels: Optional[Array] = None):
     """x: [B, T, D] (T = h*w, or h*w + 1 with a class token) -> ([B, T, D], metrics)."""
-    pos = dict(self.position_emb or {})
-    kind = pos.get('name', 'learned')
-    if kind == 'learned':
+    spec = self.spec
+    if spec.position_emb == 'learned':
       x = _AddPositionEmbs(name='posembed_input')(x)
-    elif kind == 'sincos2d':
-      emb = sincos2d(*grid, x.shape[-1], pos.get('temperature', 10_000.)).astype(x.dtype)
+    elif spec.position_emb == 'sincos2d':
+      emb = sincos2d(*grid, x.shape[-1], spec.position_temperature).astype(x.dtype)
       # A class token, if any, is first and gets no position embedding.
       emb = jnp.pad(emb, ((x.shape[1] - emb.shape[0], 0), (0, 0)))
       x = x + emb[None]
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    blocks, metrics = self.blocks(), {}
+    x = nn.Dropout(spec.dropout_rate, deterministic=not train)(x)
+    metrics = {}
     segments = {s.start: s for s in self.segments()}
     i = 0
-    while i < self.num_layers:
+    while i < spec.num_layers:
       seg = segments.get(i)
       if seg is None:
-        x, m = remat_block(self.remat)(**blocks[i], name=f'encoderblock_{i}')(
-            x, labels, train)
+        x, m = remat_block(spec.remat)(spec, spec.moe_at(i), self.moe_sharding,
+                                       name=f'encoderblock_{i}')(x, labels, train)
         if m is not None:
           metrics[f'encoderblock_{i}'] = m
         i += 1
         continue
-      x, ms = self._scan(seg, blocks, train)(x, labels)
+      x, ms = self._scan(seg, train)(x, labels)
       for k in range(seg.repeats):  # Per-layer metrics keep their unscanned keys.
         for j, m in enumerate(ms):
           if m is not None:
@@ -176,16 +155,17 @@ class Encoder(nn.Module):
     metrics['auxiliary_loss'] = sum(aux[1:], aux[0]) if aux else jnp.zeros((), x.dtype)
     return nn.LayerNorm(name='encoder_norm')(x), metrics
 
-  def _scan(self, seg: scan_lib.Segment, blocks, train: bool) -> nn.Module:
+  def _scan(self, seg: scan_lib.Segment, train: bool) -> nn.Module:
+    remat = self.spec.remat
     # prevent_cse=False: inside a scan, CSE cannot move the recomputation forward.
     unit = nn.scan(
-        _Unit if self.remat == 'none' else nn.remat(_Unit, policy=REMAT[self.remat],
-                                                    prevent_cse=False),
+        _Unit if remat == 'none' else nn.remat(_Unit, policy=REMAT[remat],
+                                               prevent_cse=False),
         variable_axes={'params': 0, 'intermediates': 0},
         split_rngs={'params': True, 'dropout': True, 'gating': True},
         in_axes=nn.broadcast, length=seg.repeats)
-    return unit(blocks=tuple(blocks[seg.start:seg.start + seg.period]), train=train,
-                name=seg.name)
+    moe = tuple(self.spec.moe_at(seg.start + j) for j in range(seg.period))
+    return unit(self.spec, moe, self.moe_sharding, train, name=seg.name)
 
   def _unscan_intermediates(self, seg: scan_lib.Segment):
     """Also sow the segment's intermediates (e.g. routing) per block under
@@ -228,51 +208,51 @@ class MapHead(nn.Module):
 
 
 class VisionTransformerMoe(nn.Module):
-  """ViT classifier; with `encoder.moe.layers` non-empty it is a V-MoE.
+  """ViT classifier; with MoE layers (spec.encoder.moe_layers) it is a V-MoE.
 
   __call__(images [B, H, W, 3], train, labels) -> (logits [B, num_classes], metrics).
+  spec: the resolved model (vmoe.nn.models.resolve(config, image_size=(H, W))).
   metrics['auxiliary_loss'] is [G] (summed over MoE layers) and metrics[block] holds each
   MoE layer's [G] metrics. In training, rngs 'dropout' and 'gating' are needed; labels
   (int [B]) only feed routers that learn from them (super-class guided per-image routing).
   moe_sharding: where the MoE layers' groups and experts live on a device mesh (set by
   the trainer from config.mesh, vmoe.parallel.mesh.moe_sharding), or None.
   """
-  num_classes: Optional[int]
-  patch_size: Sequence[int]
-  hidden_size: int
-  encoder: Mapping[str, Any]
-  classifier: str = 'token'
-  representation_size: Optional[int] = None
-  head_bias_init: float = 0.0
-  head_kernel_zero_init: bool = True
+  spec: spec_lib.ModelSpec
   moe_sharding: Optional[moe_lib.Sharding] = None
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, labels: Optional[Array] = None):
-    x = nn.Conv(self.hidden_size, tuple(self.patch_size), strides=tuple(self.patch_size),
+    spec = self.spec
+    if tuple(images.shape[1:3]) != spec.image_size:
+      raise ValueError(f'The model was resolved for {spec.image_size} images, got images '
+                       f'of shape {images.shape}; resolve it for this size '
+                       '(vmoe.nn.models.resolve(config, image_size=...)).')
+    spec.groups(images.shape[0])  # A ValueError if the groups do not tile the batch.
+    x = nn.Conv(spec.hidden_size, spec.patch_size, strides=spec.patch_size,
                 padding='VALID', name='embedding')(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
-    if self.classifier == 'token':
+    if spec.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
-    x, metrics = Encoder(name='Encoder', moe_sharding=self.moe_sharding, **self.encoder)(
+    x, metrics = Encoder(spec.encoder, self.moe_sharding, name='Encoder')(
         x, (h, w), train=train, labels=labels)
-    if self.classifier in ('token', '0'):
+    if spec.classifier in ('token', '0'):
       x = x[:, 0]
-    elif self.classifier == 'gap':
+    elif spec.classifier == 'gap':
       x = jnp.mean(x, axis=1)
     else:  # 'map'
-      x = MapHead(self.encoder['num_heads'], self.encoder['mlp_dim'], name='MapHead')(x)
-    if self.representation_size is not None:
-      x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits')(x))
-    # The representation, for few-shot probes of this model (vmoe.evaluate.fewshot).
+      x = MapHead(spec.encoder.num_heads, spec.encoder.mlp_dim, name='MapHead')(x)
+    if spec.representation_size is not None:
+      x = jnp.tanh(nn.Dense(spec.representation_size, name='pre_logits')(x))
+    # The representation, for few-shot probes of this model (vmoe.train.fewshot).
     self.sow('intermediates', 'representation', x)
-    if not self.num_classes:
+    if not spec.num_classes:
       return x, metrics
-    kernel_init = (nn.initializers.zeros if self.head_kernel_zero_init
+    kernel_init = (nn.initializers.zeros if spec.head_kernel_zero_init
                    else nn.linear.default_kernel_init)
-    logits = nn.Dense(self.num_classes, kernel_init=kernel_init,
-                      bias_init=nn.initializers.constant(self.head_bias_init),
+    logits = nn.Dense(spec.num_classes, kernel_init=kernel_init,
+                      bias_init=nn.initializers.constant(spec.head_bias_init),
                       name='head')(x)
     return logits, metrics

@@ -13,7 +13,8 @@ layer's constraints, and the compiler propagates the batch sharding through its
 reshapes and einsums, where Explicit axes would demand an out_sharding at every
 reshape that touches the batch axis.
 """
-from typing import Any, Mapping, Optional
+import collections
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
@@ -79,3 +80,17 @@ def global_batch(local: Mapping[str, np.ndarray], sharding) -> dict:
   """This process's rows -> global jax arrays (split as `sharding` says)."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local.items()}
+
+
+def device_batches(local: Iterable[Mapping[str, np.ndarray]], sharding, *, prefetch: int = 1
+                   ) -> Iterator[dict]:
+  """Global batches of the process-local ones, `prefetch` of them already sent to the
+  devices while the step before them runs (dataset.prefetch_device, as in the
+  reference; 0: each batch is sent when it is asked for)."""
+  queue = collections.deque()
+  for batch in local:
+    queue.append(global_batch(batch, sharding))
+    if len(queue) > prefetch:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -8,16 +8,20 @@ leading axis E) are split over the 'expert' axis and everything else is replicat
 too. Optimizer state follows the params (its leaves carry the param paths as suffixes).
 """
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from vmoe.nn import moe
+from vmoe.nn import scan
+from vmoe.utils import paths
+
 P = jax.sharding.PartitionSpec
 # Scanned blocks (vmoe/nn/scan.py) stack their params on a leading layer axis: [L, E, ...].
-EXPERT_RULES = ((r'(^|/)scan_\d+_\d+x\d+/block_\d+/Moe/Mlp/', (None, 'expert')),
-                (r'(^|/)Moe/Mlp/', ('expert',)))
+EXPERT_RULES = ((scan.SCANNED.pattern + moe.EXPERT_PARAMS.removeprefix('(^|/)'),
+                 (None, 'expert')),
+                (moe.EXPERT_PARAMS, ('expert',)))
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -60,23 +64,14 @@ def mesh_shape(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int
   return shape
 
 
-def path_of(keys) -> str:
-  """jax key path -> 'Encoder/encoderblock_1/Moe/Mlp/Dense_0/kernel'."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                  for k in keys)
-
-
 def spec_for(path: str, shape: Sequence[int], mesh: Mapping[str, int], *,
              rules=EXPERT_RULES, fsdp: bool = False) -> P:
   """PartitionSpec of one array: the first matching rule, dims that do not divide stay
   replicated (e.g. a scalar optimizer count)."""
   axes = [None] * len(shape)
-  for pattern, rule_axes in rules:
-    if re.search(pattern, path):
-      for i, axis in enumerate(rule_axes[:len(shape)]):
-        if axis is not None and mesh.get(axis, 1) > 1 and shape[i] % mesh[axis] == 0:
-          axes[i] = axis
-      break
+  for i, axis in enumerate(paths.first_match(rules, path, ())[:len(shape)]):
+    if axis is not None and mesh.get(axis, 1) > 1 and shape[i] % mesh[axis] == 0:
+      axes[i] = axis
   data = mesh.get('data', 1)
   if fsdp and data > 1 and 'data' not in axes:
     free = [i for i, a in enumerate(axes) if a is None and shape[i] % data == 0]
@@ -90,22 +85,8 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mapping[str, int], *,
 def partition_specs(tree: Any, mesh: Mapping[str, int], *, rules=EXPERT_RULES,
                     fsdp: bool = False) -> Any:
   """Tree of PartitionSpec for a tree of arrays / ShapeDtypeStructs."""
-  return jax.tree_util.tree_map_with_path(
-      lambda keys, x: spec_for(path_of(keys), np.shape(x), mesh, rules=rules, fsdp=fsdp),
-      tree)
-
-
-def check_experts(params: Any, mesh: Mapping[str, int], rules=EXPERT_RULES):
-  """The expert axis must divide the number of experts of every MoE layer."""
-  size = mesh.get('expert', 1)
-  for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = path_of(keys)
-    axes = next((a for p, a in rules if re.search(p, path)), ())
-    e = np.shape(x)[axes.index('expert')] if 'expert' in axes else None
-    if size > 1 and e is not None and e % size:
-      raise ValueError(f'{path} has {e} experts, not divisible by the mesh '
-                       f"axis 'expert' of size {size}; use num_experts a multiple of {size} "
-                       'or a smaller expert axis.')
+  return paths.map_with_paths(
+      lambda path, x: spec_for(path, np.shape(x), mesh, rules=rules, fsdp=fsdp), tree)
 
 
 def bytes_per_device(tree: Any, specs: Any, mesh: Mapping[str, int]) -> int:

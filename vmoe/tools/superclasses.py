@@ -18,7 +18,6 @@ reads the latest checkpoint of WORKDIR (or --checkpoint=PATH), predicts the eval
 WORKDIR/superclasses.json and WORKDIR/superclasses.png (or --output=PATH.json). Use
 held-out data: on the train split a good model confuses almost nothing.
 """
-import json
 import os
 
 from absl import app
@@ -26,6 +25,8 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 from vmoe import cli
+from vmoe.utils import console
+from vmoe.utils import files
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -85,20 +86,14 @@ def plot_grouped_confusion(confusion: np.ndarray, groups: np.ndarray, path: str,
   ax.set_title(f'Confusion (log10 rate), {groups.max() + 1} super-classes')
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  files.save_figure(fig, path, dpi=120)
 
 
 def write_superclasses(path: str, groups: np.ndarray, confusion: np.ndarray, **info):
   """Writes the JSON read by PerImageRouter (atomically)."""
-  obj = {'superclass_of_class': [int(g) for g in groups], 'num_experts': int(groups.max() + 1),
-         'confusion': confusion.tolist(), **info}
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  files.write_json(path, {'superclass_of_class': [int(g) for g in groups],
+                          'num_experts': int(groups.max() + 1),
+                          'confusion': confusion.tolist(), **info})
 
 
 def derive(config, workdir: str, num_experts: int, *, dataset: str | None = None,
@@ -106,26 +101,33 @@ def derive(config, workdir: str, num_experts: int, *, dataset: str | None = None
            output: str | None = None, seed: int = 0) -> str:
   """Predicts an eval set with the trained model, clusters, writes JSON + PNG -> JSON path."""
   # Imported here: the clustering functions above need no JAX or TensorFlow.
-  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vmoe.evaluate import runner  # pylint: disable=g-import-not-at-top
-  from vmoe.nn import models  # pylint: disable=g-import-not-at-top
-  runner.check_single_process('vmoe.tools.superclasses')
+  # pylint: disable=g-import-not-at-top
+  from vmoe.checkpoints import sources
+  from vmoe.data import pipeline
+  from vmoe.nn import models
+  from vmoe.train import config as config_lib
+  from vmoe.train import evaluator
+  # pylint: enable=g-import-not-at-top
+  cli.check_single_process('vmoe.tools.superclasses')
   evals = [k for k in config.dataset if k != 'train']
   dataset = dataset or (evals[0] if evals else None)
   if dataset not in evals:
     raise ValueError(f'--dataset={dataset!r} is not an eval set of the config; valid: '
                      f'{evals}.')
-  num_classes = config.model.num_classes
+  run = config_lib.resolve(config)
+  num_classes = run.model.num_classes
   check_num_groups(num_classes, num_experts)
   cfg = config.dataset[dataset].copy_and_resolve_references()
   if split:
     cfg.split = split
-  source, params = runner.restore_params(workdir, checkpoint)
-  forward = runner.Forward(models.build_model(config.model))
+  source, params = sources.load_params(checkpoint or workdir)
+  iterable = pipeline.make_eval_iterable(cfg)
+  spec = models.resolve(config.model, image_size=iterable.shapes()['image'][1:3])
+  forward = evaluator.Forward(models.build(spec))
   labels, predictions = [], []
-  for batch, logits, _ in forward.batches(params, pipeline.make_eval_iterable(cfg)):
+  for batch, logits, _ in forward.batches(params, iterable):
     valid = batch['__valid__'].astype(bool)
-    labels.append(runner.labels_of(batch)[valid])
+    labels.append(evaluator.labels_of(batch)[valid])
     predictions.append(np.argmax(logits, -1)[valid])
   labels, predictions = np.concatenate(labels), np.concatenate(predictions)
   confusion = confusion_matrix(labels, predictions, num_classes)
@@ -134,16 +136,17 @@ def derive(config, workdir: str, num_experts: int, *, dataset: str | None = None
   write_superclasses(output, groups, confusion, checkpoint=source, dataset=cfg.name,
                      split=cfg.split, accuracy=float(np.mean(labels == predictions)))
   plot_grouped_confusion(confusion, groups, os.path.splitext(output)[0] + '.png')
-  print(f'Super-classes of {cfg.name}:{cfg.split} (accuracy {np.mean(labels == predictions):.4f}'
-        f', {len(labels)} examples): {groups.tolist()} -> {output}', flush=True)
+  console.say(f'Super-classes of {cfg.name}:{cfg.split} (accuracy '
+              f'{np.mean(labels == predictions):.4f}, {len(labels)} examples): '
+              f'{groups.tolist()} -> {output}')
   return output
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_orbax()
   f = flags.FLAGS
+  console.say(f'Full logs: {cli.log_to_file("superclasses", f.workdir)}')
   derive(f.config, f.workdir, f.num_experts, dataset=f.dataset, split=f.split,
          checkpoint=f.checkpoint, output=f.output, seed=f.seed)
 

@@ -14,7 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from vmoe.train import param_paths
+from vmoe.nn import moe
+from vmoe.utils import paths
 
 
 class ScaleByAdafactorState(NamedTuple):
@@ -50,7 +51,7 @@ def scale_by_adafactor(
     min_dim_size_to_factor: int = 32,
     momentum: float | None = 0.9,
     momentum_dtype: str = 'float32',
-    expert_pattern: str = 'Moe/Mlp/',
+    expert_pattern: str = moe.EXPERT_PARAMS,
 ) -> optax.GradientTransformation:
   """Adafactor scaling (big_vision variant: bounded decay, EMA momentum).
 
@@ -65,7 +66,7 @@ def scale_by_adafactor(
     expert_pattern: regex on '/'-joined param paths marking expert params.
   """
   def leaf_dims(params) -> list[tuple[int, int] | None]:
-    dims = param_paths.map_paths(
+    dims = paths.map_with_paths(
         lambda path, p: _Dims(factored_dims(
             p.shape, bool(re.search(expert_pattern, path)),
             min_dim_size_to_factor)), params)

@@ -1,17 +1,19 @@
-"""Evaluation on the eval splits: prec@1 and loss over the valid examples only.
+"""Evaluation on the eval splits, and forward passes over them, on all devices.
 
 Eval batches are padded to a fixed size (one compiled step for all of them);
 '__valid__': [B] marks the real examples, and only those are counted.
 """
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from vmoe.parallel import mesh as mesh_lib
 from vmoe.train import losses
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+P = jax.sharding.PartitionSpec
 
 
 def dropped_per_layer(intermediates, valid: jax.Array) -> dict[str, jax.Array]:
@@ -69,3 +71,54 @@ def evaluate(eval_step, params, batches: Iterable[Mapping[str, Any]], *,
   return {'prec@1': sums['correct'] / count, 'loss': sums['loss'] / count,
           'num_examples': count,
           **{k: v / count for k, v in sums.items() if k.startswith('dropped/')}}
+
+
+OUTPUTS = ('logits', 'pre_logits', 'intermediates')
+
+
+class Forward:
+  """jit(params, images) -> (outputs, intermediates) on a 1-D 'data' mesh over all
+  devices (batches split, params replicated).
+
+  outputs='logits': (logits [B, C], {}); 'pre_logits': (the representation the head
+  reads [B, D], {}); 'intermediates': (logits, everything the model sows: per MoE layer
+  `buffer_slot` [G, S, E] (-1: not routed), `combine_weight` [G, S, E], the router's
+  `logits`, and the `representation`). Compiled once per batch shape, reused for any params.
+  """
+
+  def __init__(self, model: nn.Module, *, outputs: str = 'logits'):
+    if outputs not in OUTPUTS:
+      raise ValueError(f'outputs={outputs!r} is not one of {OUTPUTS}.')
+    self.mesh = mesh_lib.make_mesh()
+    self.replicated = jax.sharding.NamedSharding(self.mesh, P())
+    self.batch_sharding = jax.sharding.NamedSharding(self.mesh, P('data'))
+
+    def apply(p, images):
+      if outputs == 'logits':
+        return model.apply({'params': p}, images, train=False)[0], {}
+      (logits, _), state = model.apply({'params': p}, images, train=False,
+                                       mutable=['intermediates'])
+      inter = state.get('intermediates', {})
+      if outputs == 'pre_logits':
+        return inter['representation'][0], {}
+      return logits, inter
+
+    self._apply = jax.jit(apply, in_shardings=(self.replicated, self.batch_sharding))
+
+  def __call__(self, params, images: np.ndarray):
+    with jax.set_mesh(self.mesh):
+      return self._apply(params, mesh_lib.global_batch({'image': images},
+                                                      self.batch_sharding)['image'])
+
+  def batches(self, params, iterable
+              ) -> Iterator[tuple[Mapping[str, np.ndarray], np.ndarray, Any]]:
+    """(batch, outputs, intermediates) as numpy, for every (padded) batch of `iterable`."""
+    params = jax.device_put(params, self.replicated)
+    for batch in iterable:
+      out, inter = self(params, batch['image'])
+      yield batch, np.asarray(out), jax.tree.map(np.asarray, inter)
+
+
+def labels_of(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """Class ids [B] from one-hot (or soft) 'labels' [B, C]."""
+  return np.argmax(batch['labels'], axis=-1)

@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import optax
 from vmoe.train import adafactor
-from vmoe.train import param_paths
-from vmoe.train import registry
 from vmoe.train import schedules
+from vmoe.utils import checks
+from vmoe.utils import paths
 
 
 def scale_by_adam(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -56,7 +56,7 @@ def _weight_decay_rules(weight_decay) -> list[tuple[str, float]]:
   if any(len(r) != 2 or not isinstance(r[1], (int, float)) for r in rules):
     raise ValueError(f'optimizer.weight_decay must be a float or a list of '
                      f'(regex, float) pairs, got {weight_decay!r}.')
-  param_paths.compile_patterns(rules, what='optimizer.weight_decay')
+  paths.check_patterns([p for p, _ in rules], what='optimizer.weight_decay')
   return [(p, float(wd)) for p, wd in rules]
 
 
@@ -65,36 +65,26 @@ def add_decayed_weights(weight_decay) -> optax.GradientTransformation:
   rules = _weight_decay_rules(weight_decay)
   ops = []
   for wd in sorted({wd for _, wd in rules if wd}):
-    mask = lambda params, wd=wd: param_paths.map_paths(
-        lambda path, _: param_paths.first_match(rules, path, 0.0) == wd, params)
+    mask = lambda params, wd=wd: paths.map_with_paths(
+        lambda path, _: paths.first_match(rules, path, 0.0) == wd, params)
     ops.append(optax.add_decayed_weights(wd, mask=mask))
   return optax.chain(*ops) if ops else optax.identity()
 
 
-def frozen_patterns(frozen_pattern, what: str = 'optimizer.frozen_pattern') -> list[str]:
-  """None | regex | [regex, ...] -> [regex, ...], each checked (`what` names it)."""
-  if not frozen_pattern:
-    return []
-  patterns = ([frozen_pattern] if isinstance(frozen_pattern, str)
-              else list(frozen_pattern))
-  param_paths.compile_patterns([(p, True) for p in patterns], what=what)
-  return patterns
-
-
 def frozen_labels(params, frozen_pattern) -> Any:
   """'frozen' | 'trainable' for each param leaf."""
-  rules = [(p, 'frozen') for p in frozen_patterns(frozen_pattern)]
-  return param_paths.map_paths(
-      lambda path, _: param_paths.first_match(rules, path, 'trainable'), params)
+  rules = [(p, 'frozen') for p in paths.patterns(frozen_pattern)]
+  return paths.map_with_paths(lambda path, _: paths.first_match(rules, path, 'trainable'),
+                              params)
 
 
 def check_config(config: Mapping[str, Any]):
   """Raises ValueError for a bad optimizer config, before anything is built."""
   name = config.get('name')
-  fn = registry.lookup(OPTIMIZERS, name, key='optimizer.name')
+  checks.one_of(name, sorted(OPTIMIZERS), 'optimizer.name')
   kwargs = {k: v for k, v in config.items() if k not in COMMON_KEYS}
-  registry.check_kwargs(fn, kwargs, what=f'optimizer {name!r}',
-                        extra_valid=set(COMMON_KEYS))
+  checks.check_kwargs(OPTIMIZERS[name], kwargs, what=f'optimizer {name!r}',
+                      extra_valid=COMMON_KEYS)
   if 'learning_rate' not in config:
     raise ValueError('optimizer.learning_rate is required (a float or '
                      '{schedule: NAME, ...}).')
@@ -110,7 +100,7 @@ def check_config(config: Mapping[str, Any]):
     raise ValueError(f'optimizer.eps={kwargs["eps"]!r} must be > 0.')
   if any(wd < 0 for _, wd in _weight_decay_rules(config.get('weight_decay'))):
     raise ValueError(f'optimizer.weight_decay={config.get("weight_decay")!r} must be >= 0.')
-  frozen_patterns(config.get('frozen_pattern'))
+  paths.patterns(config.get('frozen_pattern'), what='optimizer.frozen_pattern')
 
 
 def create_optimizer(
@@ -135,7 +125,7 @@ def create_optimizer(
       add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(schedule),
   )
-  if frozen_patterns(frozen_pattern):
+  if paths.patterns(frozen_pattern):
     # Frozen params get zero updates and no optimizer state at all; the global
     # norm for clipping is over the trainable params only.
     tx = optax.multi_transform(

@@ -9,7 +9,7 @@ import math
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
-from vmoe.train import registry
+from vmoe.utils import checks
 
 Schedule = Callable[[Any], Any]
 
@@ -102,10 +102,8 @@ def create_schedule(config: float | Mapping[str, Any], *,
     return constant(value=float(config))
   kwargs = dict(config)
   name = kwargs.pop('schedule', None)
-  fn = registry.lookup(SCHEDULES, name, key='optimizer.learning_rate.schedule')
-  if ('decay_steps' in registry.signature_keys(fn)[0]
-      and kwargs.get('decay_steps') is None):
+  fn = SCHEDULES[checks.one_of(name, sorted(SCHEDULES), 'optimizer.learning_rate.schedule')]
+  if 'decay_steps' in checks.signature_keys(fn)[0] and kwargs.get('decay_steps') is None:
     kwargs['decay_steps'] = total_steps
-  registry.check_kwargs(fn, kwargs, what=f'learning-rate schedule {name!r}',
-                        extra_valid={'schedule'})
+  checks.check_kwargs(fn, kwargs, what=f'learning-rate schedule {name!r}')
   return fn(**kwargs)

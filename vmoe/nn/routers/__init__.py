@@ -3,13 +3,18 @@
 A router never touches the experts: it returns a routing object of vmoe/nn/routing.py and
 a dict of per-group metrics ([G] arrays). 'auxiliary_loss' [G] is the weighted sum of the
 router's losses that the trainer adds to the classification loss. Every router is called
-as router(x, train=..., tokens_per_image=T, labels=None|int [B]).
+as router(x, train=..., labels=None | int [B]); only super-class guided routing reads the
+labels.
+
+Its attributes are its config options (vmoe.nn.models fills in the defaults) and what
+vmoe.nn.models resolves for it: `num_experts`, `capacity` (slots per expert), and where
+the router has them, `batch_priority` and `tokens_per_image`. The class attribute SLOTS
+says what fills the slots, hence how the capacity is counted: 'choices' (the S x K
+choices of the tokens of a group), 'tokens' (experts choose among the S tokens),
+'images' (the K choices of each of the S / T images), 'soft' (Soft MoE's mixed slots).
 """
 import dataclasses
 
-from vmoe.nn.routers.common import (DISPATCHER_KEYS, capacity_from_config,
-                                    expert_choice_metrics, gshard_loss, importance_loss,
-                                    load_loss, routing_metrics)
 from vmoe.nn.routers.per_image import PerImageRouter
 from vmoe.nn.routers.soft import SoftRouter
 from vmoe.nn.routers.softmax import NoisyTopExpertsPerItemRouter, NoisyTopItemsPerExpertRouter
@@ -21,12 +26,16 @@ ROUTERS = {cls.__name__: cls for cls in (
     NoisyTopExpertsPerItemRouter, NoisyTopItemsPerExpertRouter,
     SinkhornTopExpertsPerItemRouter, SinkhornTopItemsPerExpertRouter,
     SparseTransportTopItemsPerExpertRouter, SoftRouter, PerImageRouter)}
-# Routers whose slots per expert come from dispatcher.capacity / capacity_factor (Soft MoE
-# sizes its slots with its own num_slots / capacity_factor, as in the reference).
-HARD_ROUTERS = tuple(n for n in ROUTERS if n != 'SoftRouter')
+# Attributes filled in from the resolved model config, not config options.
+RESOLVED = ('num_experts', 'capacity', 'batch_priority', 'tokens_per_image')
 
 
-def router_fields(name: str) -> tuple[str, ...]:
-  """Config keys a router accepts (its dataclass fields, plus 'name')."""
-  return ('name',) + tuple(f.name for f in dataclasses.fields(ROUTERS[name])
-                           if f.name not in ('parent', 'name', 'num_experts', 'num_classes'))
+def attributes(name: str) -> dict[str, object]:
+  """{attribute: default (dataclasses.MISSING if none)} of router `name`."""
+  return {f.name: f.default for f in dataclasses.fields(ROUTERS[name])
+          if f.name not in ('parent', 'name')}
+
+
+def options(name: str) -> dict[str, object]:
+  """{config option: default} of router `name`: its attributes less the resolved ones."""
+  return {k: v for k, v in attributes(name).items() if k not in RESOLVED}

@@ -1,14 +1,10 @@
-"""What every router shares: auxiliary losses, capacity, load metrics."""
-from typing import Any, Mapping
-
+"""What every router shares: auxiliary losses and load metrics."""
 import jax
 import jax.numpy as jnp
 
 from vmoe.nn import routing as routing_lib
 
 Array = jax.Array
-DISPATCHER_KEYS = ('name', 'capacity', 'capacity_factor', 'capacity_ceil_or_round',
-                   'capacity_multiple_of', 'batch_priority', 'bfloat16')
 
 
 def _cv_squared(v: Array) -> Array:
@@ -37,17 +33,6 @@ def gshard_loss(gates: Array) -> Array:
   e = gates.shape[-1]
   top1 = jax.nn.one_hot(jnp.argmax(gates, axis=-1), e, dtype=gates.dtype)
   return e * jnp.sum(jnp.mean(gates, axis=1) * jnp.mean(top1, axis=1), axis=-1)
-
-
-def capacity_from_config(dispatcher: Mapping[str, Any], num_tokens: int,
-                         num_experts: int) -> int:
-  """Slots per expert from the dispatcher config: explicit `capacity` or a factor."""
-  if dispatcher.get('capacity') is not None:
-    return int(dispatcher['capacity'])
-  return routing_lib.compute_capacity(
-      num_tokens, num_experts, dispatcher['capacity_factor'],
-      dispatcher.get('capacity_ceil_or_round', 'ceil'),
-      dispatcher.get('capacity_multiple_of', 4))
 
 
 def experts_per_token(routing: routing_lib.SparseRouting, num_tokens: int) -> Array:

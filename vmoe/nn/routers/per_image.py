@@ -8,14 +8,14 @@ the image's super-class (one super-class per expert).
 """
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vmoe.nn import routing as routing_lib
-from vmoe.nn.routers.common import capacity_from_config, importance_loss, load_loss
+from vmoe.nn.routers.common import importance_loss, load_loss
 
 Array = jax.Array
 IMAGE_REPRS = ('mean', 'token')
@@ -61,24 +61,30 @@ def expand_to_tokens(r: routing_lib.SparseRouting, t: int) -> routing_lib.Sparse
 
 
 class PerImageRouter(nn.Module):
-  """K experts per image. labels (int [B]) are needed in training with superclasses."""
+  """K experts per image. labels (int [B]) are needed in training with superclasses.
+
+  capacity: C_img image slots per expert, filled by the n x K choices of the n = S / T
+  images of a group (vmoe.nn.models); tokens_per_image: T. superclasses: the class ->
+  super-class table (the config's file or list, resolved by vmoe.nn.models), or None.
+  """
+  SLOTS = 'images'
   num_experts: int
+  capacity: int
+  tokens_per_image: int
+  batch_priority: bool = False
   num_selected_experts: int = 1
   noise_std: float = 1.0
   image_repr: str = 'mean'
   importance_loss_weight: float = 0.005
   load_loss_weight: float = 0.005
-  superclasses: Optional[Union[str, Sequence[int]]] = None
-  num_classes: Optional[int] = None  # Filled in by the model from its num_classes.
+  superclasses: Optional[tuple[int, ...]] = None
   superclass_loss_weight: float = 0.3
-  dispatcher: Optional[Mapping[str, Any]] = None
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, tokens_per_image: int,
-               labels: Optional[Array] = None):
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
     """x: [G, S, D], S = n images x T tokens -> (SparseRouting, metrics of [G] arrays)."""
     g, s, d = x.shape
-    t, k, e = tokens_per_image, self.num_selected_experts, self.num_experts
+    t, k, e = self.tokens_per_image, self.num_selected_experts, self.num_experts
     n = s // t
     xi = x.reshape(g, n, t, d)
     xi = jnp.mean(xi, axis=2) if self.image_repr == 'mean' else xi[:, :, 0]
@@ -95,7 +101,7 @@ class PerImageRouter(nn.Module):
     if self.superclasses is not None:
       aux = jnp.zeros((g,), x.dtype)
       if labels is not None:
-        table = jnp.asarray(load_superclasses(self.superclasses, self.num_classes, e))
+        table = jnp.asarray(self.superclasses)
         target = jax.nn.one_hot(table[labels.reshape(g, n)], e)
         xent = -jnp.sum(target * jax.nn.log_softmax(logits), axis=-1)  # [G, n]
         metrics['superclass_loss'] = jnp.mean(xent, axis=1)
@@ -107,10 +113,5 @@ class PerImageRouter(nn.Module):
       if 'load_loss' in metrics:
         aux = aux + self.load_loss_weight * metrics['load_loss']
     metrics['auxiliary_loss'] = aux
-    # Capacity counts images here: rounding it up to a multiple of 4 (the token-level
-    # default) would pad each expert by up to 3 whole images.
-    disp = {'capacity_multiple_of': 1, **(self.dispatcher or {})}
-    capacity = capacity_from_config(disp, n * k, e)
-    routing = routing_lib.top_experts_per_item(
-        gates, k, capacity, bool(disp.get('batch_priority', False)))
+    routing = routing_lib.top_experts_per_item(gates, k, self.capacity, self.batch_priority)
     return expand_to_tokens(routing, t), metrics

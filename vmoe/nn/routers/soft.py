@@ -1,5 +1,5 @@
 """Soft MoE (arXiv 2308.00951): every slot is a softmax-weighted mix of all tokens."""
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -19,21 +19,22 @@ class SoftRouter(nn.Module):
 
   logits[s, e, p] = scale * <x_s / |x_s|, mu_ep / |mu_ep|>; dispatch = softmax over tokens
   (each slot mixes tokens), combine = softmax over all slots (each token mixes slots).
-  P = num_slots, or round(S * capacity_factor / E). No token is dropped; no auxiliary loss.
+  capacity: P slots per expert, from the config's `num_slots`, or round(S *
+  `capacity_factor` / E) (vmoe.nn.models). No token is dropped; no auxiliary loss.
   """
+  SLOTS = 'soft'
+  # Config keys that size the slots (hard routers size theirs under `dispatcher`).
+  SIZING_KEYS = ('num_slots', 'capacity_factor')
   num_experts: int
-  num_slots: Optional[int] = None
-  capacity_factor: Optional[float] = 1.0
+  capacity: int
   noise_std: float = 0.0
-  dispatcher: Optional[Mapping[str, Any]] = None  # Only `name` ('einsum') and `bfloat16`.
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, **unused):
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
     """x: [G, S, D] -> (DenseRouting [G, S, E, P], metrics of [G] arrays)."""
-    g, s, d = x.shape
-    p = self.num_slots or routing_lib.compute_capacity(
-        s, self.num_experts, self.capacity_factor, 'round', 1)
-    mu = self.param('mu', nn.initializers.lecun_normal(), (d, self.num_experts, p))
+    del labels  # Only super-class guided routing learns from the labels.
+    g, _, d = x.shape
+    mu = self.param('mu', nn.initializers.lecun_normal(), (d, self.num_experts, self.capacity))
     scale = self.param('scale', nn.initializers.ones, ())
     logits = jnp.einsum('gsd,dep->gsep', l2_normalize(x, -1) * scale, l2_normalize(mu, 0))
     self.sow('intermediates', 'logits', logits)

@@ -13,14 +13,14 @@ are the softmax gates at the chosen pairs, so gradients reach the router as in V
   search over sorted values (as in a projection onto the simplex), needs no learning rate,
   and gives a sparse plan. No external solver package is used.
 """
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vmoe.nn import routing as routing_lib
-from vmoe.nn.routers.common import capacity_from_config, expert_choice_metrics
+from vmoe.nn.routers.common import expert_choice_metrics
 
 Array = jax.Array
 
@@ -80,10 +80,11 @@ def plan_metrics(plan: Array) -> dict:
 
 
 class _TransportRouter(nn.Module):
-  """Shared body: logits (noisy in training), gates, plan; subclasses pick the slots."""
+  """Shared body: logits (noisy in training), gates, plan; subclasses pick the slots.
+  capacity: C slots per expert (vmoe.nn.models)."""
   num_experts: int
+  capacity: int
   noise_std: float = 1.0
-  dispatcher: Optional[Mapping[str, Any]] = None
 
   @nn.nowrap
   def logits_and_gates(self, x: Array, train: bool):
@@ -108,31 +109,33 @@ class _SinkhornRouter(_TransportRouter):
 
 
 class SinkhornTopExpertsPerItemRouter(_SinkhornRouter):
-  """Sinkhorn token choice: each token's top-K experts of the entropic plan."""
+  """Sinkhorn token choice: each token's top-K experts of the entropic plan; the S x K
+  choices of a group fill the slots."""
+  SLOTS = 'choices'
+  batch_priority: bool = False
   num_selected_experts: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, **unused):
-    _, s, _ = x.shape
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
+    """x: [G, S, D] -> (SparseRouting, metrics of [G] arrays)."""
+    del labels  # Only super-class guided routing learns from the labels.
     gates, plan = self.gates_and_plan(x, train)
-    disp = self.dispatcher or {}
-    capacity = capacity_from_config(disp, s * self.num_selected_experts, self.num_experts)
     routing = routing_lib.top_experts_per_item(
-        plan, self.num_selected_experts, capacity, bool(disp.get('batch_priority', False)),
-        weights=gates)
+        plan, self.num_selected_experts, self.capacity, self.batch_priority, weights=gates)
     return routing, {'auxiliary_loss': jnp.zeros(x.shape[:1], x.dtype), **plan_metrics(plan)}
 
 
 class SinkhornTopItemsPerExpertRouter(_SinkhornRouter):
   """Sinkhorn expert choice: each expert's top-C tokens of the entropic plan."""
+  SLOTS = 'tokens'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, **unused):
-    _, s, _ = x.shape
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
+    """x: [G, S, D] -> (SparseRouting, metrics of [G] arrays)."""
+    del labels  # Only super-class guided routing learns from the labels.
     gates, plan = self.gates_and_plan(x, train)
-    capacity = capacity_from_config(self.dispatcher or {}, s, self.num_experts)
-    routing = routing_lib.top_items_per_expert(plan, capacity, weights=gates)
-    return routing, {**expert_choice_metrics(routing, s, self.num_experts),
+    routing = routing_lib.top_items_per_expert(plan, self.capacity, weights=gates)
+    return routing, {**expert_choice_metrics(routing, x.shape[1], self.num_experts),
                      **plan_metrics(plan)}
 
 
@@ -142,17 +145,18 @@ class SparseTransportTopItemsPerExpertRouter(_TransportRouter):
   Pairs outside the plan's support rank below every pair inside it, ordered by gate, so
   an expert whose support is smaller than C still fills its slots sensibly.
   """
+  SLOTS = 'tokens'
   l2_reg: float = 0.1
   transport_iters: int = 20
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, **unused):
-    _, s, _ = x.shape
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
+    """x: [G, S, D] -> (SparseRouting, metrics of [G] arrays)."""
+    del labels  # Only super-class guided routing learns from the labels.
     _, gates = self.logits_and_gates(x, train)
     plan = jax.lax.stop_gradient(l2_plan(gates, self.l2_reg, self.transport_iters))
     score = jnp.where(plan > 0, 1 + plan, jax.lax.stop_gradient(gates))
-    capacity = capacity_from_config(self.dispatcher or {}, s, self.num_experts)
-    routing = routing_lib.top_items_per_expert(score, capacity, weights=gates)
-    return routing, {**expert_choice_metrics(routing, s, self.num_experts),
+    routing = routing_lib.top_items_per_expert(score, self.capacity, weights=gates)
+    return routing, {**expert_choice_metrics(routing, x.shape[1], self.num_experts),
                      **plan_metrics(plan),
                      'plan_nonzero_fraction': jnp.mean(plan > 0, axis=(1, 2))}

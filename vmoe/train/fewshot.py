@@ -4,15 +4,15 @@ For each number of shots n, take the first n examples of every class from the tr
 features (a fixed, seeded order), fit W = (X^T X + l2 I)^-1 X^T Y with Y the one-hot
 targets in {-1, 1} and a bias column, and report the test accuracy for every l2 strength.
 """
-import os
 from typing import Any, Mapping, Sequence
 
-import ml_collections
 import numpy as np
 
-from vmoe.data import pipeline
-from vmoe.evaluate import runner
 from vmoe.nn import models
+from vmoe.nn import spec as spec_lib
+from vmoe.train import evaluator
+from vmoe.utils import checks
+from vmoe.utils import files
 
 DEFAULT_SHOTS = (1, 5, 10)
 DEFAULT_L2S = tuple(2.0 ** k for k in range(-6, 11, 2))
@@ -60,10 +60,10 @@ CONFIG_KEYS = frozenset({'every_steps', 'train', 'test', 'shots', 'l2s', 'seed'}
 
 
 def check_config(cfg: Mapping[str, Any], where: str = 'config.fewshot'):
-  """One ValueError for a bad few-shot config (keys, shots, l2s, datasets)."""
-  unknown = sorted(set(cfg) - CONFIG_KEYS)
-  if unknown:
-    raise ValueError(f'Unknown key(s) {unknown} in {where}; valid keys: {sorted(CONFIG_KEYS)}.')
+  """One ValueError for a bad few-shot config (keys, shots, l2s, datasets given; the
+  datasets themselves are checked with the run's other datasets)."""
+  checks.check_keys(cfg, CONFIG_KEYS, where)
+  checks.positive_int(cfg.get('every_steps'), f'{where}.every_steps', optional=True)
   for split in ('train', 'test'):
     if not cfg.get(split):
       raise ValueError(f'{where}.{split} is required: a dataset config (name, split, '
@@ -82,7 +82,7 @@ def features(forward, params, iterable) -> tuple[np.ndarray, np.ndarray]:
   for batch, out, _ in forward.batches(params, iterable):
     valid = batch['__valid__'].astype(bool)
     xs.append(out[valid])
-    ys.append(runner.labels_of(batch)[valid])
+    ys.append(evaluator.labels_of(batch)[valid])
   return np.concatenate(xs).astype(np.float64), np.concatenate(ys)
 
 
@@ -90,16 +90,16 @@ class FewshotEvaluator:
   """Few-shot linear accuracy of a model's pre-logits (the head is ignored), for any
   params of that model: called every `every_steps` in training, and by vmoe.evaluate.
 
-  cfg: {'train': dataset config to draw the shots from, 'test': dataset config to score
-  on, 'shots': (1, 5, 10), 'l2s': ridge strengths, 'seed': order of the shots}.
+  spec: the model, resolved for the images of `train` and `test`, the eval iterables
+  (vmoe.data.pipeline.make_eval_iterable) to draw the shots from and to score on.
+  cfg: config.fewshot ({'shots': (1, 5, 10), 'l2s': ridge strengths, 'seed': order of
+  the shots, ...}).
   """
 
-  def __init__(self, model_config: Any, cfg: Mapping[str, Any]):
-    check_config(cfg)
-    self.num_classes = models.validate(model_config)['num_classes']
-    self.forward = runner.Forward(models.build_model(model_config), outputs='pre_logits')
-    self.train = pipeline.make_eval_iterable(ml_collections.ConfigDict(cfg['train']))
-    self.test = pipeline.make_eval_iterable(ml_collections.ConfigDict(cfg['test']))
+  def __init__(self, spec: spec_lib.ModelSpec, cfg: Mapping[str, Any], train, test):
+    self.num_classes = spec.num_classes
+    self.forward = evaluator.Forward(models.build(spec), outputs='pre_logits')
+    self.train, self.test = train, test
     self.shots = tuple(cfg.get('shots') or DEFAULT_SHOTS)
     self.l2s = tuple(cfg.get('l2s') or DEFAULT_L2S)
     self.seed = cfg.get('seed', 0)
@@ -132,7 +132,4 @@ def plot(results: Mapping[str, Any], path: str):
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  files.save_figure(fig, path)

@@ -1,0 +1,141 @@
+"""The resolved description of a model: what vmoe.nn.models.resolve makes of a config.
+
+Frozen dataclasses; the model (vit.py, moe.py), its routers, the input checks, FLOPs, the
+planner and the evaluator read them instead of the config. Every default is filled in,
+every derived number (tokens per image, capacity, groups) computed once, in
+vmoe.nn.models. `image_size` is None for a spec resolved from the config alone (enough
+to validate it); a model is built from a spec resolved for its image size.
+"""
+import dataclasses
+from typing import Any, Optional
+
+from vmoe.nn import routers
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRule:
+  """How many slots each expert gets: `capacity`, or `factor` x the slots a group needs
+  / E, rounded up ('ceil') or to the nearest ('round'), then up to a multiple of
+  `multiple_of` (dispatcher.capacity* keys; Soft MoE: its num_slots / capacity_factor)."""
+  capacity: Optional[int]
+  factor: Optional[float]
+  ceil_or_round: str
+  multiple_of: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+  """One MoE layer (every MoE layer of a model has the same one).
+
+  router: a class name of vmoe.nn.routers.ROUTERS; options: its options, defaults filled
+  in (e.g. (('num_selected_experts', 2), ('noise_std', 1.0), ...); a super-class file is
+  resolved to its class -> super-class table). dispatch: 'einsum' | 'indices' | 'ragged' |
+  'soft' (vmoe.nn.routing.DISPATCHERS). bfloat16: tokens and expert outputs move through
+  dispatch and combine in bfloat16. tokens_per_image (T) and capacity (C slots per expert:
+  tokens, images for per-image routing, mixed slots for Soft MoE) are set once the image
+  size is known.
+  """
+  num_experts: int
+  group_size: int
+  router: str
+  options: tuple[tuple[str, Any], ...]
+  dispatch: str
+  bfloat16: bool
+  batch_priority: bool
+  capacity_rule: CapacityRule
+  split_rngs: bool = False
+  shared_experts: int = 0
+  tokens_per_image: Optional[int] = None
+  capacity: Optional[int] = None
+
+  def option(self, key: str) -> Any:
+    return dict(self.options)[key]
+
+  @property
+  def num_selected_experts(self) -> int:
+    """K: experts per token (per image with per-image routing); 1 for routers without K."""
+    return dict(self.options).get('num_selected_experts', 1)
+
+  @property
+  def superclasses(self) -> Optional[tuple[int, ...]]:
+    return dict(self.options).get('superclasses')
+
+  @property
+  def slots(self) -> str:
+    """What fills the slots: 'choices', 'tokens', 'images' or 'soft' (vmoe.nn.routers)."""
+    return routers.ROUTERS[self.router].SLOTS
+
+  @property
+  def token_slots(self) -> int:
+    """Token slots per expert in a group's buffers: C, or C x T for per-image routing."""
+    return self.capacity * (self.tokens_per_image if self.slots == 'images' else 1)
+
+  def router_kwargs(self) -> dict[str, Any]:
+    """The router's attributes: its options and the resolved numbers it takes."""
+    resolved = dict(num_experts=self.num_experts, capacity=self.capacity,
+                    batch_priority=self.batch_priority,
+                    tokens_per_image=self.tokens_per_image)
+    fields = routers.attributes(self.router)
+    return {**dict(self.options), **{k: v for k, v in resolved.items() if k in fields}}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention_qk_norm: bool = False
+  position_emb: str = 'learned'  # 'learned' | 'sincos2d' | 'none'.
+  position_temperature: float = 10_000.
+  compute_dtype: str = 'float32'  # Matmul precision (vmoe/nn/precision.py).
+  scan: bool = False
+  remat: str = 'none'  # A vmoe.nn.vit.REMAT policy name.
+  moe_layers: tuple[int, ...] = ()
+  moe: Optional[MoeSpec] = None
+
+  def moe_at(self, i: int) -> Optional[MoeSpec]:
+    """The MoE layer of block i, or None for a dense block."""
+    return self.moe if i in self.moe_layers else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A ViT / V-MoE classifier; `image_size` (h, w) once resolved for an input size."""
+  name: str
+  num_classes: Optional[int]
+  patch_size: tuple[int, int]
+  hidden_size: int
+  encoder: EncoderSpec
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  head_bias_init: float = 0.0
+  head_kernel_zero_init: bool = True
+  image_size: Optional[tuple[int, int]] = None
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """Patches per column and per row of an image."""
+    (h, w), (ph, pw) = self.image_size, self.patch_size
+    return h // ph, w // pw
+
+  @property
+  def tokens_per_image(self) -> int:
+    """T: the patches, plus the class token with classifier 'token'."""
+    gh, gw = self.grid
+    return gh * gw + (self.classifier == 'token')
+
+  def groups(self, batch_size: int) -> int:
+    """MoE groups of a batch of `batch_size` images (0 for a dense model); ValueError if
+    the group size does not divide the batch's tokens."""
+    moe = self.encoder.moe
+    if moe is None or not self.encoder.moe_layers:
+      return 0
+    t, s = self.tokens_per_image, moe.group_size
+    if (batch_size * t) % s:
+      raise ValueError(
+          f'model.encoder.moe.group_size={s} does not divide the {batch_size * t} tokens '
+          f'of a batch ({batch_size} images x {t} tokens); use a multiple of {t} that '
+          f'divides {batch_size * t}.')
+    return batch_size * t // s
