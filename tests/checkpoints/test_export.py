@@ -14,7 +14,7 @@ from vmoe.checkpoints import export
 from vmoe.checkpoints import legacy
 from vmoe.checkpoints import training
 
-REF = '/work/shared/fixtures/vmoe_reference'
+REF = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'vmoe_reference')
 REPO = os.path.join(os.path.dirname(__file__), '..', '..')
 
 

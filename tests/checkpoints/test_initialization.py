@@ -14,7 +14,7 @@ from vmoe.checkpoints import initialization as ini
 from vmoe.checkpoints import legacy
 from vmoe.nn import models
 
-REF = '/work/shared/fixtures/vmoe_reference'
+REF = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'vmoe_reference')
 POS = 'Encoder/posembed_input/pos_embedding'
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from vmoe.checkpoints import legacy
 
-REF = '/work/shared/fixtures/vmoe_reference'
+REF = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'vmoe_reference')
 # name -> (leaves, params), from the fixtures' README.
 FIXTURES = {'vmoe_tiny_token': (76, 63178), 'vmoe_tiny_gap_ec': (73, 95850)}
 SUFFIXES = ('.index', '.data-00000-of-00002', '.data-00001-of-00002')

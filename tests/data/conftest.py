@@ -1,6 +1,7 @@
-"""Fixtures of the data tests: digits configs and whole-split references."""
+"""Fixtures of the data tests: digits configs, whole-split references, data-dir copies."""
 import collections
 import functools
+import shutil
 
 import ml_collections
 import numpy as np
@@ -34,3 +35,12 @@ def split_examples(digits_data_dir):
         for x in tfds.as_numpy(ds))
 
   return examples
+
+
+@pytest.fixture
+def data_dir_copy(digits_data_dir, tmp_path) -> str:
+  """A copy of the digits data dir: no builder was loaded from it yet, and a test may
+  move its files."""
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(digits_data_dir, data_dir)
+  return data_dir

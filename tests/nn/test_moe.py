@@ -72,6 +72,7 @@ def all_kinds(request):
                                                train) for kind in kinds}
 
 
+@pytest.mark.xla_defaults
 def test_dispatch_kinds_agree_on_outputs_and_gradients(all_kinds):
   _, out = all_kinds
   v1, y1, g1, _ = out['einsum']

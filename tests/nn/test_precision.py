@@ -10,6 +10,8 @@ from vmoe.nn import mlp
 from vmoe.nn import moe
 from vmoe.nn import precision
 
+pytestmark = pytest.mark.xla_defaults
+
 # Documented in docs/performance.md: with compute_dtype='bfloat16' a layer's output is
 # within this relative (Frobenius) error of float32 (each matmul input is rounded to 8
 # significant bits; the sums stay float32).

@@ -11,8 +11,9 @@ import vmoe
 from vmoe.checkpoints import legacy
 from vmoe.nn import models
 
-FIXTURES = os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared', 'fixtures',
-                        'vmoe_reference')
+pytestmark = pytest.mark.xla_defaults
+
+FIXTURES = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'vmoe_reference')
 # (name, suffix of the override run); the override config is `eval_override_model_kwargs`.
 CASES = [('vmoe_tiny_token', 'cf0.5_bpr'), ('vmoe_tiny_gap_ec', 'cf0.5')]
 

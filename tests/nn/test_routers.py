@@ -14,6 +14,8 @@ from vmoe.nn import models
 from vmoe.nn import routers
 from vmoe.nn.routers import transport
 
+pytestmark = pytest.mark.xla_defaults
+
 G, S, D, E, T = 2, 24, 8, 4, 6  # 4 images of 6 tokens per group.
 X = jax.random.normal(jax.random.PRNGKey(0), (G * S // T, T, D))
 HARD = {

@@ -33,6 +33,7 @@ def _truncate_data(directory: str, step: int):
     os.truncate(path, os.path.getsize(path) // 2)
 
 
+@pytest.mark.xla_defaults
 def test_killed_at_several_points_resumes_bit_equal(runs, reference, tmp_path):
   workdir = str(tmp_path)
   # SIGKILL while the first checkpoint is written: nothing complete, so the

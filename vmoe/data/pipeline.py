@@ -2,8 +2,10 @@
 
 cfg is one entry of config.dataset: name, split, process (pp string), batch_size
 (GLOBAL, over all processes), and optionally shuffle_buffer, cache, prefetch,
-data_dir, process_batch (batch pp string, e.g. 'mixup(0.2)'), manual_dir and
-prefetch_device (the last two are read by others, accepted here).
+data_dir, process_batch (batch pp string, e.g. 'mixup(0.2)'), manual_dir (named
+in the message of a dataset that needs a manual download) and prefetch_device
+(train batches the trainer puts on the devices ahead of the step; read by the
+trainer). check_config checks an entry without reading any data.
 
 Determinism: the training stream is a pure function of (dataset, split, pp,
 seed, process_index, process_count, batch_size). Epoch e of a process reads its
@@ -12,13 +14,37 @@ buffer seeded by (seed, e); the example at position p of the process's stream
 is preprocessed with the seed fold_in(seed, p). So resuming at batch n starts
 at epoch (n * B_local) // N_local, skips the remaining serialized records
 without parsing them, and then yields exactly what an uninterrupted run would.
+A cached training shard keeps its files in one fixed order (its records are
+still shuffled anew each epoch), so for a shard stored in several files the
+stream also depends on whether it is cached.
+
+cache, as the reference (google-research/vmoe, input_pipeline.py) defines it:
+
+  cache          training split               eval splits
+  None, False    nothing is cached            nothing is cached
+  'loaded'       the serialized records       the serialized records
+  'batched'      rejected                     the preprocessed batches
+  True           = 'loaded'                   = 'batched'
+
+'loaded' keeps the records as read from the files, before decoding and
+preprocessing: the random augmentation of training is drawn anew each epoch.
+A training shard is read into memory when its iterator is made (an iterator
+dropped within its first epoch would otherwise discard a partial cache); an
+eval split during its first pass. 'batched' keeps the eval batches (before
+their padding) after the first pass, so later passes neither read nor
+preprocess; a training split repeats without end, and 'batched' would freeze
+its augmentation. Every mode yields the same batches, in the same order, as no
+cache.
 
 Nothing here ever downloads: a dataset that is not prepared in the data dir is
-a ValueError saying how to prepare it ('digits' is built on first use).
+a ValueError saying how to prepare it ('digits' is built on first use). Each
+dataset's builder (and so its info) is loaded once per process.
 """
+import functools
 import math
 import os
-from typing import Any, Iterator
+import threading
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -27,16 +53,26 @@ import tensorflow_datasets as tfds
 from vmoe.data import digits
 from vmoe.data import pp_ops
 from vmoe.data.registry import VALID_KEY
+from vmoe.utils import checks
 
 KNOWN_KEYS = frozenset({
     'name', 'split', 'process', 'batch_size', 'shuffle_buffer', 'cache',
     'prefetch', 'data_dir', 'process_batch', 'manual_dir', 'prefetch_device'})
+CACHE_VALUES = (None, False, True, 'loaded', 'batched')
+_REQUIRED_KEYS = ('name', 'split', 'process', 'batch_size')
+_STRING_KEYS = ('name', 'split', 'process', 'process_batch', 'data_dir',
+                'manual_dir')
 DEFAULT_SHUFFLE_BUFFER = 10_000
 _CYCLE = 16  # Files read in parallel (interleave cycle length).
 _fold_in = tf.random.experimental.stateless_fold_in
 # pp code branches with tf.cond / tf.switch_case, never on tensors in Python:
 # autograph would only add seconds of tracing (randaug: ~10 s).
 _no_autograph = tf.autograph.experimental.do_not_convert
+# (name, data dir) -> its prepared builder. Loading one reads the dataset info
+# (TFDS logs 'Load dataset info from ...'); the lock makes concurrent callers
+# load it (and build 'digits') once.
+_BUILDERS: dict[tuple[str, str], tfds.core.DatasetBuilder] = {}
+_BUILDERS_LOCK = threading.Lock()
 
 
 def _get(cfg, key: str, default=None):
@@ -44,14 +80,63 @@ def _get(cfg, key: str, default=None):
   return default if value is None else value
 
 
-def _check_cfg(cfg, required=('name', 'split', 'process', 'batch_size')):
-  unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
-  if unknown:
-    raise ValueError(f'Unknown dataset config keys {unknown}; known keys: '
-                     f'{sorted(KNOWN_KEYS)}.')
-  missing = [k for k in required if cfg.get(k) is None]
+def check_config(cfg: Any, where: str, *, train: bool):
+  """Raises a ValueError naming the first bad key or value of a dataset entry.
+
+  Needs neither the data nor its metadata (builder and split_info check those),
+  nor the devices: the caller checks that batch_size divides over its devices.
+
+  Args:
+    cfg: one entry of config.dataset (a dict or a ConfigDict).
+    where: its dotted name in the messages, e.g. 'config.dataset.train'.
+    train: whether make_train_iterator reads it (else make_eval_iterable):
+      cache='batched' is for eval splits only.
+  """
+  if hasattr(cfg, 'to_dict'):  # A ConfigDict (not a Mapping).
+    cfg = cfg.to_dict()
+  if not isinstance(cfg, Mapping):
+    raise ValueError(f'{where} must be a sub-config with keys '
+                     f'{sorted(KNOWN_KEYS)}, got {cfg!r}.')
+  checks.check_keys(cfg, KNOWN_KEYS, where)
+  missing = [k for k in _REQUIRED_KEYS if cfg.get(k) is None]
   if missing:
-    raise ValueError(f'Dataset config {dict(cfg)} lacks keys {missing}.')
+    raise ValueError(f'{where} lacks {missing}; valid keys: '
+                     f'{sorted(KNOWN_KEYS)}.')
+  for key in _STRING_KEYS:
+    if cfg.get(key) is not None and not isinstance(cfg[key], str):
+      raise ValueError(f'{where}.{key}={cfg[key]!r} must be a string.')
+  for key, kind in (('process', 'example'), ('process_batch', 'batch')):
+    if cfg.get(key):
+      try:
+        pp_ops.get_pp_fn(cfg[key], kind)
+      except ValueError as e:
+        raise ValueError(f'{where}.{key}: {e}') from None
+  checks.positive_int(cfg['batch_size'], f'{where}.batch_size')
+  cache = cfg.get('cache')
+  # Not `in CACHE_VALUES`: 1 == True would pass.
+  if not (cache is None or isinstance(cache, bool)
+          or cache in ('loaded', 'batched')):
+    raise ValueError(f'{where}.cache={cache!r} must be one of '
+                     f'{CACHE_VALUES}.')
+  if train and cache == 'batched':
+    raise ValueError(
+        f"{where}.cache='batched' keeps preprocessed batches, for eval splits "
+        f'only: a training split repeats without end and its random '
+        f"augmentation would be frozen; use cache='loaded' (or True) to keep "
+        f'its records in memory.')
+  buffer = cfg.get('shuffle_buffer')
+  if buffer is not None and not (checks.is_int(buffer) and buffer >= 0):
+    raise ValueError(f'{where}.shuffle_buffer={buffer!r} must be an integer '
+                     f'>= 0 (examples), or None for the default.')
+  prefetch = cfg.get('prefetch')
+  if prefetch is not None and not (checks.is_int(prefetch) and prefetch >= -1):
+    raise ValueError(f'{where}.prefetch={prefetch!r} must be an integer >= 0 '
+                     f'(batches), or None / -1 to autotune.')
+  ahead = cfg.get('prefetch_device')
+  if ahead is not None and not (checks.is_int(ahead) and ahead >= 0):
+    raise ValueError(f'{where}.prefetch_device={ahead!r} must be an integer '
+                     f'>= 0 (train batches put on the devices ahead of the '
+                     f'step), or None.')
 
 
 def data_dir_of(cfg) -> str:
@@ -61,9 +146,21 @@ def data_dir_of(cfg) -> str:
                             '~/tensorflow_datasets')
 
 
-def _builder(cfg) -> tfds.core.DatasetBuilder:
-  """The prepared builder of cfg.name (never downloads; builds 'digits')."""
-  name, data_dir = cfg.name, data_dir_of(cfg)
+def builder(cfg) -> tfds.core.DatasetBuilder:
+  """The prepared builder of cfg.name in data_dir_of(cfg).
+
+  Never downloads; builds 'digits'. Loaded once per (name, data dir) for the
+  process's lifetime, and the same object is returned after that; a failure is
+  not remembered, so a dataset prepared later is found by the next call.
+  """
+  key = (cfg.name, data_dir_of(cfg))
+  with _BUILDERS_LOCK:
+    if key not in _BUILDERS:
+      _BUILDERS[key] = _load_builder(cfg, *key)
+    return _BUILDERS[key]
+
+
+def _load_builder(cfg, name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if name.split(':')[0] == 'digits':
     return digits.prepare(data_dir)
   namespace = tfds.core.naming.parse_builder_name_kwargs(name)[0].namespace
@@ -72,28 +169,33 @@ def _builder(cfg) -> tfds.core.DatasetBuilder:
                      f'are not supported; use a TFDS dataset prepared in '
                      f'data_dir={data_dir!r}.')
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    b = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f'Unknown dataset {name!r}: no TFDS builder has this '
                      f'name (use "digits" for the offline demo).') from None
-  if not builder.is_prepared():
+  if not b.is_prepared():
     msg = (f'Dataset {name!r} is not prepared in data_dir {data_dir!r} '
-           f'(no {builder.data_dir}/dataset_info.json) and this program never '
+           f'(no {b.data_dir}/dataset_info.json) and this program never '
            f'downloads. Prepare it on a machine with network access: '
            f'`tfds build {name} --data_dir={data_dir}`')
-    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    if b.MANUAL_DOWNLOAD_INSTRUCTIONS:
       manual = _get(cfg, 'manual_dir') or f'{data_dir}/downloads/manual'
       msg += (f' --manual_dir={manual} (this dataset needs a manual download '
               f'first: put the files from {name}\'s TFDS page in {manual})')
     raise ValueError(msg + ', or set data_dir / $TFDS_DATA_DIR to where it is.')
-  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+  if b.info.file_format != tfds.core.FileFormat.TFRECORD:
     raise ValueError(f'Dataset {name!r} in {data_dir!r} is stored as '
-                     f'{builder.info.file_format.value}; only tfrecord is '
+                     f'{b.info.file_format.value}; only tfrecord is '
                      f'supported: rebuild it with --file_format=tfrecord.')
-  return builder
+  return b
 
 
-def _split_info(builder, split):
+def split_info(builder, split):  # pylint: disable=redefined-outer-name
+  """The SplitInfo (or SubSplitInfo) of `split`, e.g. 'train[:90%]'.
+
+  Raises a ValueError listing the dataset's splits if `split` is not one of
+  them or selects no example.
+  """
   try:
     info = builder.info.splits[split]
   except (KeyError, ValueError, AssertionError) as e:
@@ -121,17 +223,18 @@ def _processes(process_index, process_count) -> tuple[int, int]:
 
 def _local_batch(cfg, process_count: int) -> int:
   b = cfg.batch_size
-  if not isinstance(b, (int, np.integer)) or b <= 0 or b % process_count:
+  if b % process_count:
     raise ValueError(f'batch_size={b!r} (global) must be a positive multiple '
                      f'of process_count={process_count}.')
   return b // process_count
 
 
-def _cache_mode(cfg):
-  cache = _get(cfg, 'cache', False)
-  if cache not in (False, True, 'batched'):
-    raise ValueError(f'cache={cache!r} must be None, False, True or "batched".')
-  return bool(cache)
+def _cache_mode(cfg, *, train: bool) -> str | None:
+  """'loaded', 'batched' or None (nothing cached); see the module docstring."""
+  cache = _get(cfg, 'cache')
+  if cache is True:
+    return 'loaded' if train else 'batched'
+  return cache or None
 
 
 def _prefetch(cfg) -> int:
@@ -151,17 +254,17 @@ def _read(instructions) -> tf.data.Dataset:
       deterministic=True)
 
 
-def _instructions(split_info):
-  fis = split_info.file_instructions
+def _instructions(info):
+  fis = info.file_instructions
   return (tf.constant([fi.filename for fi in fis]),
           tf.constant([fi.skip for fi in fis], tf.int64),
           tf.constant([fi.take for fi in fis], tf.int64))
 
 
-def _example_fn(builder, cfg, key):
+def _example_fn(ds_builder, cfg, key):
   """(position, serialized) -> preprocessed example, seeded by fold_in(key, p)."""
   pp = pp_ops.get_pp_fn(cfg.process, 'example')
-  features = builder.info.features
+  features = ds_builder.info.features
   decoders = {k: tfds.decode.SkipDecoding() for k in pp.decode_keys
               if isinstance(dict(features).get(k), tfds.features.Image)}
 
@@ -179,12 +282,14 @@ def get_dataset_info(cfg) -> tuple[int, int | None]:
   Reads only metadata (cfg needs only name and split). num_classes is that of
   the 'label' ClassLabel feature (None if the dataset has none).
   """
-  _check_cfg(cfg, required=('name', 'split'))
-  builder = _builder(cfg)
-  label = dict(builder.info.features).get('label')
+  checks.check_keys(cfg, KNOWN_KEYS, 'cfg')
+  for key in ('name', 'split'):
+    checks.required(cfg, key, 'cfg')
+  ds_builder = builder(cfg)
+  label = dict(ds_builder.info.features).get('label')
   num_classes = (label.num_classes
                  if isinstance(label, tfds.features.ClassLabel) else None)
-  return _split_info(builder, cfg.split).num_examples, num_classes
+  return split_info(ds_builder, cfg.split).num_examples, num_classes
 
 
 def make_train_iterator(cfg, *, seed: int, start_batch: int = 0,
@@ -197,28 +302,35 @@ def make_train_iterator(cfg, *, seed: int, start_batch: int = 0,
   process_count (e.g. 'image' float32 [B_local, H, W, 3], 'labels' float32
   [B_local, C], whatever the pp string keeps). start_batch=n yields exactly
   the stream an uninterrupted iterator yields from its (n+1)-th batch on.
-  cache=True keeps the shard's serialized records in memory; shuffle_buffer
-  (records, default 10,000; 0 or 1: files are still shuffled, records not).
+  cache=True or 'loaded' reads the shard's serialized records into memory
+  here; shuffle_buffer (records, default 10,000; 0 or 1: files are still
+  shuffled, records not).
   """
-  _check_cfg(cfg)
+  check_config(cfg, 'cfg', train=True)
   process_index, process_count = _processes(process_index, process_count)
   b_local = _local_batch(cfg, process_count)
   if start_batch < 0:
     raise ValueError(f'start_batch={start_batch} must be >= 0.')
   seed, start_batch = int(seed), int(start_batch)
-  builder = _builder(cfg)
-  _split_info(builder, cfg.split)
-  shard = _split_info(builder, tfds.even_splits(cfg.split, process_count)[
+  ds_builder = builder(cfg)
+  split_info(ds_builder, cfg.split)
+  shard = split_info(ds_builder, tfds.even_splits(cfg.split, process_count)[
       process_index])
   n_local = shard.num_examples
   key = tf.constant([seed, process_index], tf.int64)
   k_files, k_records, k_examples, k_batches = (_fold_in(key, i) for i in range(4))
-  example_fn = _example_fn(builder, cfg, k_examples)
+  example_fn = _example_fn(ds_builder, cfg, k_examples)
   batch_pp = _get(cfg, 'process_batch') and pp_ops.get_pp_fn(
       cfg.process_batch, 'batch')
   shuffle_buffer = _get(cfg, 'shuffle_buffer', DEFAULT_SHUFFLE_BUFFER)
   filenames, skips, takes = _instructions(shard)
-  cached = _read((filenames, skips, takes)).cache() if _cache_mode(cfg) else None
+  cached = None
+  if _cache_mode(cfg, train=True) == 'loaded':
+    cached = _read((filenames, skips, takes)).cache()
+    # Filled now, not by the first epoch: an iterator dropped before that epoch
+    # ends (a run shorter than an epoch, an iterator the trainer makes anew)
+    # would discard a partial cache, and TF would log a warning for it.
+    cached.reduce(np.int64(0), _no_autograph(lambda n, _: n))
 
   @_no_autograph
   def epoch(e):
@@ -254,39 +366,60 @@ class EvalIterable:
   Each pass yields num_batches batches (the same on every process) of exactly
   B_local = batch_size / process_count examples, as dicts of numpy arrays plus
   '__valid__' bool [B_local]: False marks the padding of the last batches.
-  cache=True (or 'batched') keeps the preprocessed examples in memory after
-  the first pass.
+  cache='loaded' keeps the serialized records, cache='batched' (or True) the
+  preprocessed batches in memory after the first pass, which must run to its
+  end to fill the cache; shapes() reads neither.
   """
 
   def __init__(self, cfg, *, process_index: int | None = None,
                process_count: int | None = None):
-    _check_cfg(cfg)
+    check_config(cfg, 'cfg', train=False)
     process_index, process_count = _processes(process_index, process_count)
     self.batch_size = _local_batch(cfg, process_count)
-    builder = _builder(cfg)
-    self.num_examples = _split_info(builder, cfg.split).num_examples
+    ds_builder = builder(cfg)
+    self.num_examples = split_info(ds_builder, cfg.split).num_examples
     splits = tfds.even_splits(cfg.split, process_count)
-    shards = [builder.info.splits[s].num_examples for s in splits]
+    shards = [ds_builder.info.splits[s].num_examples for s in splits]
     self.num_batches = math.ceil(max(shards) / self.batch_size)
-    example_fn = _example_fn(builder, cfg, tf.constant([0, process_index],
-                                                        tf.int64))
+    example_fn = _example_fn(ds_builder, cfg, tf.constant([0, process_index],
+                                                           tf.int64))
 
-    def dataset(split) -> tf.data.Dataset:
-      records = _read(_instructions(_split_info(builder, split)))
+    def examples(split, *, cache_records: bool = False) -> tf.data.Dataset:
+      """The preprocessed examples of `split`, '__valid__' True, in file order."""
+      records = _read(_instructions(split_info(ds_builder, split)))
+      if cache_records:
+        records = records.cache()
       ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), records)
       ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
       return ds.map(_no_autograph(lambda x: {**x, VALID_KEY: tf.constant(True)}))
 
+    mode = _cache_mode(cfg, train=False)
     self._dataset = None
     if shards[process_index]:
-      self._dataset = dataset(splits[process_index])
-      if _cache_mode(cfg):
-        self._dataset = self._dataset.cache()
-      self._dataset = self._dataset.batch(self.batch_size).prefetch(
-          _prefetch(cfg))
-    # Shapes of padding batches when this process has no example at all.
-    self._first = lambda: next(
-        dataset(cfg.split).take(1).batch(1).as_numpy_iterator())
+      ds = examples(splits[process_index], cache_records=mode == 'loaded')
+      ds = ds.batch(self.batch_size)
+      if mode == 'batched':
+        ds = ds.cache()
+      self._dataset = ds.prefetch(_prefetch(cfg))
+    # One example of cfg.split as a batch of 1, read without any cache: the
+    # template of the padding batches of a process that has no example, and the
+    # shapes of shapes() when the element_spec leaves some dims unknown.
+    self._first = functools.cache(lambda: next(
+        examples(cfg.split).take(1).batch(1).as_numpy_iterator()))
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of every batch, e.g. {'image': (B_local, H, W, 3), ...}.
+
+    '__valid__' included. From the pipeline's element_spec where it is fully
+    defined, else from one example read without the cache: a pass over a cache
+    that stops early (to see one batch) would discard what it cached, and TF
+    would log so.
+    """
+    spec = self._dataset.element_spec if self._dataset is not None else {}
+    if spec and all(s.shape[1:].is_fully_defined() for s in spec.values()):
+      return {k: (self.batch_size, *s.shape[1:].as_list())
+              for k, s in spec.items()}
+    return {k: (self.batch_size, *v.shape[1:]) for k, v in self._first().items()}
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     count, last = 0, None
