@@ -23,7 +23,11 @@ INSTALL_REQUIRES = [
     'numpy',
     'absl-py',
     'safetensors',
+    'tqdm',  # The progress line on a terminal (vmoe.utils.console).
 ]
+# What the README's test command and .ci/run need besides: the test runner, the linter
+# and the import-layering checker (configured in ruff.toml and .importlinter).
+TEST_REQUIRES = ['pytest', 'pytest-xdist', 'ruff==0.17.6', 'import-linter==2.17']
 
 setuptools.setup(
     name='vmoe',
@@ -32,5 +36,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['vmoe', 'vmoe.*']),
     python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest', 'pytest-xdist']},
+    extras_require={'test': TEST_REQUIRES},
 )

@@ -99,7 +99,7 @@ def _rss(field: str) -> int:
   subprocess of a big parent would report the parent's peak.
   """
   with open('/proc/self/status') as f:
-    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ':'))
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
 
 
 def xla_peak(compiled) -> int:
@@ -125,7 +125,7 @@ def measure_rss(path: str, group_size: int, dtype: str) -> dict:
 
 def rss_in_subprocess(path: str, group_size: int, dtype: str) -> dict:
   spec = json.dumps([path, group_size, dtype])
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--_memory', spec],
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--memory-probe', spec],
                         capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f'Memory run of {spec} failed:\n{proc.stderr[-3000:]}')
@@ -171,7 +171,7 @@ def parse_args(argv):
                  help='on CPU, run ragged at every group size (default: the smallest)')
   p.add_argument('--rss', action=argparse.BooleanOptionalAction, default=True,
                  help='measure peak RSS in a subprocess per configuration')
-  p.add_argument('--_memory', help=argparse.SUPPRESS)
+  p.add_argument('--memory-probe', help=argparse.SUPPRESS)  # Internal: measure_rss.
   args = p.parse_args(argv)
   for s in args.group_sizes:
     if s <= 0 or (B * T) % s or s % T:
@@ -255,8 +255,8 @@ def print_table(rows, repeats):
 
 def main(argv):
   args = parse_args(argv)
-  if args._memory:
-    print(json.dumps(measure_rss(*json.loads(args._memory))))
+  if args.memory_probe:
+    print(json.dumps(measure_rss(*json.loads(args.memory_probe))))
     return
   configs = configs_of(args)
   # Subprocesses first, before this process grows.

@@ -6,8 +6,9 @@ blocks 5 and 7, 224 px, a 512-d pre-logits layer, 1,000 classes), in the release
 (legacy) format. Copy it next to you first (this command reads local files only):
 
   gsutil -m cp 'gs://vmoe_checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1.*' /data/ckpt/
+  CKPT=/data/ckpt/vmoe_s32_last2_ilsvrc2012_randaug_light1
   python -m vmoe.main --workdir=/tmp/vmoe_s32_cifar10 \
-      --config=configs/vmoe_s32_cifar10_finetune.py:path=/data/ckpt/vmoe_s32_last2_ilsvrc2012_randaug_light1 \
+      --config=configs/vmoe_s32_cifar10_finetune.py:path=$CKPT \
       --config.dataset.train.data_dir=DIR --config.dataset.val.data_dir=DIR \
       --config.dataset.test.data_dir=DIR
 

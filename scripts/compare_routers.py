@@ -7,8 +7,9 @@ Each run is `python -m vmoe.main --config=configs/digits.py:router=NAME` in its 
 workdir (kept, so a killed comparison resumes where it stopped). `per_image_superclass`
 uses super-classes derived by `python -m vmoe.tools.superclasses` from the test-set
 confusion of the dense run of the same seed: which classes get confused is test
-information, a mild leak accepted because digits has no validation split. Results: docs/routers.md (mean and std of test accuracy, step time,
-parameters, active forward GFLOPs per image) and docs/routers.png.
+information, a mild leak accepted because digits has no validation split. Results:
+docs/routers.md (mean and std of test accuracy, step time, parameters, active forward
+GFLOPs per image) and docs/routers.png.
 """
 import argparse
 import json
@@ -21,8 +22,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vmoe.configs import common  # pylint: disable=wrong-import-position
-from vmoe.evaluate import flops  # pylint: disable=wrong-import-position
+from vmoe.configs import common  # noqa: E402  # pylint: disable=wrong-import-position
+from vmoe.evaluate import flops  # noqa: E402  # pylint: disable=wrong-import-position
+from vmoe.nn import models  # noqa: E402  # pylint: disable=wrong-import-position
+from vmoe.utils import files  # noqa: E402  # pylint: disable=wrong-import-position
 
 VARIANTS = ('dense', 'top_k', 'top_k_bpr', 'expert_choice', 'soft', 'sinkhorn_tc',
             'sinkhorn_ec', 'sparse_ec', 'per_image', 'per_image_superclass', 'shared_expert')
@@ -57,7 +60,7 @@ def superclasses_of(seed, steps, out_dir):
 
 def describe(name):
   config = common.load_config(f'{ROOT}/configs/digits.py:router={name}')
-  return flops.flops_per_image(config.model, (8, 8)) / 1e9
+  return flops.flops_per_image(models.resolve(config.model, image_size=(8, 8))) / 1e9
 
 
 def main():
@@ -104,7 +107,7 @@ def write_doc(rows, seeds, args):
   plt.setp(ax.get_xticklabels(), rotation=30, ha='right')
   fig.tight_layout()
   png = os.path.splitext(args.doc)[0] + '.png'
-  fig.savefig(png, dpi=110)
+  files.save_figure(fig, png)
   lines = ['| variant | test prec@1 (mean ± std) | per seed | step time (ms) | params | '
            'GFLOPs / image |', '|---|---|---|---|---|---|']
   for n in names:
@@ -114,15 +117,13 @@ def write_doc(rows, seeds, args):
                  + f' | {r["step_ms"]:.1f} | {r["params"]} | {r["gflops"]:.5f} |')
   table = '\n'.join(lines)
   print(table)
-  with open(os.path.splitext(args.doc)[0] + '.json', 'w') as f:
-    json.dump(rows, f, indent=1)
+  files.write_json(os.path.splitext(args.doc)[0] + '.json', rows)
   marker = '<!-- results -->'
   text = open(args.doc).read() if os.path.exists(args.doc) else f'# Routers\n\n{marker}\n'
   head = text.split(marker)[0]
-  with open(args.doc, 'w') as f:
-    f.write(f'{head}{marker}\n\nCommand: `python scripts/compare_routers.py '
-            f'--seeds={",".join(map(str, seeds))} --train_steps={args.train_steps}`\n\n'
-            f'{table}\n\n![routers]({os.path.basename(png)})\n')
+  files.write_text(args.doc, f'{head}{marker}\n\nCommand: `python scripts/compare_routers.py '
+                   f'--seeds={",".join(map(str, seeds))} --train_steps={args.train_steps}`'
+                   f'\n\n{table}\n\n![routers]({os.path.basename(png)})\n')
 
 
 if __name__ == '__main__':

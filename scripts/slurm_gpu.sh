@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains on GPU nodes under SLURM: one process per GPU, on every node of the allocation.
 #
-#   WORKDIR=/shared/runs/vmoe_b16 CONFIG=configs/vmoe_b16_every2_imagenet21k.py \
-#     FLAGS='--config.mesh.expert=8 --config.dataset.train.data_dir=/shared/tfds' \
+#   WORKDIR=$SCRATCH/runs/vmoe_b16 CONFIG=configs/vmoe_b16_every2_imagenet21k.py \
+#     FLAGS="--config.mesh.expert=8 --config.dataset.train.data_dir=$SCRATCH/tfds" \
 #     sbatch --nodes=4 scripts/slurm_gpu.sh
 #
 # srun starts one task per GPU (--ntasks-per-node = GPUs per node). In each task

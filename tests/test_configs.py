@@ -2,6 +2,7 @@
 step on random data of the right shapes (and, if the config changes the model
 for evaluation, evaluates one padded batch with it).
 """
+import dataclasses
 import glob
 import os
 
@@ -57,6 +58,8 @@ def test_config_trains_one_step_on_fake_data(path):
   run = config_lib.resolve(shrink(config, tokens, b), num_devices=n)
   run = config_lib.with_inputs(run, {d.name: {'image': (b, hw, hw, 3), 'labels': (b, c)}
                                      for d in run.data})
+  # train_epochs configs get their steps from the dataset's size (with_data).
+  run = dataclasses.replace(run, train_steps=run.train_steps or 100_000)
   program = trainer.build(run)  # What the trainer compiles, with the config's mesh.
   state = jax.jit(program.parts.init_fn, out_shardings=program.state_sharding)()
 

@@ -18,7 +18,7 @@ from vmoe.checkpoints import training
 from vmoe.configs import common
 from vmoe.nn import models
 from vmoe.parallel import mesh as mesh_lib
-from vmoe.parallel import rules
+from vmoe.utils import paths
 from vmoe.train import train_state as train_state_lib
 
 E = 8
@@ -33,7 +33,7 @@ def init_fn():
   model = models.build_model(dict(
       name='VisionTransformerMoe', num_classes=10, patch_size=(2, 2), hidden_size=16,
       classifier='gap', representation_size=None, head_kernel_zero_init=False,
-      encoder=dict(num_layers=2, mlp_dim=32, num_heads=2, moe=moe.to_dict())))
+      encoder=dict(num_layers=2, mlp_dim=32, num_heads=2, moe=moe.to_dict())), (8, 8))
   return train_state_lib.make_init_fn(model, optax.adam(1e-3), image_shape=(8, 8, 8, 3),
                                       seed=0)
 
@@ -41,10 +41,10 @@ def init_fn():
 def describe(state) -> dict:
   """{path: [spec (None: one device), shard shape, hex of the bytes]} of every leaf."""
   out = {}
-  for keys, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+  for path, x in paths.flat(state).items():
     spec = (list(x.sharding.spec) if isinstance(x.sharding, jax.sharding.NamedSharding)
             else None)
-    out[rules.path_of(keys)] = [spec, list(x.addressable_shards[0].data.shape),
+    out[path] = [spec, list(x.addressable_shards[0].data.shape),
                                 np.asarray(x).tobytes().hex()]
   return out
 

@@ -29,7 +29,7 @@ def _dense_config(**moe):
 
 
 def _shapes(config, image_size=8):
-  model = models.build_model(config)
+  model = models.build_model(config, (image_size, image_size))
   x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), np.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)['params']
 
@@ -55,8 +55,8 @@ def _sds(shape):
 @pytest.mark.parametrize('name', ['vmoe_tiny_token', 'vmoe_tiny_gap_ec'])
 def test_reference_fixture_through_initialization_gives_its_logits(name):
   config = json.load(open(f'{REF}/{name}_config.json'))['model_kwargs']
-  model = models.build_model(config)
   images = np.load(f'{REF}/{name}_inputs.npy')
+  model = models.build_model(config, images.shape[1:3])
   target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))['params']
   init = jax.tree.map(lambda s: np.full(s.shape, np.nan, s.dtype), target)
   params, report = ini.initialize(target, init, {'source': 'legacy',
@@ -295,10 +295,11 @@ def test_error_shape_mismatch_suggests_the_rule(vit):
     ({'allow_missing': '['}, r'initialization.allow_missing=.* must be a bool or a regex'),
     ({'strict': True}, r"Unknown key\(s\) \['strict'\] in config.initialization"),
     ({'source': 'pickle'}, r"source='pickle' is unknown; valid: \['legacy', 'npz', 'orbax'\]"),
-    ({'path': '/nonexistent.npz'}, r"No .npz file at config.initialization.path='/nonexistent.npz'"),
+    ({'path': '/nonexistent.npz'},
+     r"No .npz file at config.initialization.path='/nonexistent.npz'"),
     ({'path': None}, r'config.initialization.path is required'),
     ({'source': 'legacy', 'path': '/nonexistent'}, r'missing index file /nonexistent.index'),
-    ({'source': 'orbax', 'path': '/nonexistent'}, r"No orbax checkpoint at '/nonexistent': "
+    ({'source': 'orbax', 'path': '/nonexistent'}, r"No checkpoint at '/nonexistent': "
                                                    r"expected .*WORKDIR/checkpoints/<step>"),
 ])
 def test_config_errors(vit, cfg, message):

@@ -12,16 +12,16 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from vmoe import inference
+from vmoe.checkpoints import sources
 from vmoe.configs import common
 from vmoe.evaluate import command
-from vmoe.evaluate import sweep
-from vmoe.nn import models
 from vmoe.tools import superclasses
-from vmoe.train import config_checks
+from vmoe.train import config as config_lib
+from vmoe.utils import dotted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = {
@@ -54,7 +54,7 @@ def run(module, *args, env, devices=1):
 
 def tiny_config():
   config = common.load_config(os.path.join(REPO, CONFIG_ARG))
-  return sweep.variant_config(config, OVERRIDES)
+  return ml_collections.ConfigDict(dotted.with_values(config, OVERRIDES))
 
 
 @pytest.fixture(scope='module')
@@ -86,7 +86,7 @@ def test_sweep_analysis_fewshot_on_8_devices(workdir, env):
   out = run('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--analyze', '--fewshot',
             '--sweep=capacity_factor=0.25,1.05,4;batch_priority=false,true', env=env,
             devices=8)
-  assert 'Sweep of 6 variants' in out
+  assert 'Sweep of 6 variants' in out and out.startswith('Full logs: ')
   eval_dir = os.path.join(workdir, 'eval')
   rows = read_csv(os.path.join(eval_dir, 'sweep.csv'))
   assert [(r['capacity_factor'], r['batch_priority']) for r in rows] == [
@@ -128,7 +128,7 @@ def test_superclasses_from_a_trained_model(workdir, tmp_path):
   # The file plugs into the super-class guided per-image variant.
   guided = common.load_config(os.path.join(
       REPO, f'configs/digits.py:router=per_image_superclass,superclasses={path}'))
-  config_checks.check_config(guided)
+  config_lib.resolve(guided)
   assert guided.model.encoder.moe.router.superclasses == path
   with pytest.raises(ValueError, match='Cannot split 10 classes into num_experts=11'):
     superclasses.derive(config, workdir, 11, output=str(tmp_path / 'x.json'))
@@ -140,30 +140,36 @@ def test_superclasses_from_a_trained_model(workdir, tmp_path):
     ('capacity_factor=-1', r'Sweep variant capacity_factor=-1 is not a valid config'),
     ('num_selected_experts=5', r'Sweep variant num_selected_experts=5 is not a valid config'),
 ])
-def test_bad_sweep_fails_before_anything_runs(spec, message):
+def test_bad_sweep_fails_before_anything_runs(spec, message, env, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', env['TFDS_DATA_DIR'])
   with pytest.raises(ValueError, match=message):
-    command.check(tiny_config(), 'test', spec)
+    command.prepare(tiny_config(), eval_set='test', spec=spec, few_shot=False)
+
+
+def test_variants_are_resolved_for_their_eval_images(env, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', env['TFDS_DATA_DIR'])
+  run, variants = command.prepare(tiny_config(), eval_set='test', few_shot=True,
+                                  spec='capacity_factor=0.5,1.05;num_selected_experts=1,2')
+  assert [v.values for v in variants][1] == {
+      'model.encoder.moe.router.dispatcher.capacity_factor': 0.5,
+      'model.encoder.moe.router.num_selected_experts': 2}
+  # Groups of 4 images x 16 tokens, E=4: ceil(64 K cf / 4) up to a multiple of 4.
+  assert [v.data.model.encoder.moe.capacity for v in variants] == [8, 16, 20, 36]
+  assert len({id(v.iterable) for v in variants}) == 1  # One eval pipeline for all.
+  assert run.entry('fewshot.train').model.image_size == (8, 8)
 
 
 def test_bad_eval_set():
   with pytest.raises(ValueError, match=r"--eval_set='val' is not an eval set.*\['test'\]"):
-    command.check(tiny_config(), 'val', 'capacity_factor=1')
-
-
-def test_variant_config_does_not_touch_the_original():
-  config = tiny_config()
-  v = sweep.variant_config(config, {'model.encoder.moe.router.dispatcher.capacity_factor': 9})
-  assert v.model.encoder.moe.router.dispatcher.capacity_factor == 9
-  assert config.model.encoder.moe.router.dispatcher.capacity_factor == 1.05
-  assert models.validate(v.model)['encoder']['moe']['layers'] == (1,)
+    command.prepare(tiny_config(), eval_set='val', spec='capacity_factor=1', few_shot=False)
 
 
 def test_load_params_accepts_a_workdir_and_a_step_directory(workdir, tmp_path):
-  by_workdir = inference.load_params(workdir)
-  by_step = inference.load_params(os.path.join(workdir, 'checkpoints', '4'))
+  _, by_workdir = sources.load_params(workdir)
+  _, by_step = sources.load_params(os.path.join(workdir, 'checkpoints', '4'))
   assert jax.tree.structure(by_workdir) == jax.tree.structure(by_step)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(by_workdir),
                                                        jax.tree.leaves(by_step))]
   assert any(changed)  # Step 8 (latest) is not step 4.
   with pytest.raises(ValueError, match='No checkpoint at .*a WORKDIR'):
-    inference.load_params(str(tmp_path))
+    sources.load_params(str(tmp_path))

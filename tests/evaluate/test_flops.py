@@ -1,6 +1,4 @@
 """FLOPs per image against a hand count, and how they follow the capacity."""
-import copy
-
 import pytest
 
 from vmoe.evaluate import flops
@@ -27,17 +25,16 @@ def test_hand_count():
   moe = 2 * t * d * 4 + 10 * 2 * 2 * d * h
   head = 2 * d * 4 + 2 * 4 * 3
   expected = embed + 2 * attention + dense_mlp + moe + head
-  assert flops.flops_per_image(CONFIG, (8, 8)) == expected
+  assert flops.flops_per_image(models.resolve(CONFIG, image_size=(8, 8))) == expected
 
 
 def test_flops_follow_capacity_and_k():
-  low = models.apply_overrides(copy.deepcopy(CONFIG), {
-      'encoder.moe.router.dispatcher.capacity_factor': 0.5})
-  k1 = models.apply_overrides(copy.deepcopy(CONFIG), {
-      'encoder.moe.router.num_selected_experts': 1})
-  full = flops.flops_per_image(CONFIG, (8, 8))
+  spec = lambda **o: models.resolve(CONFIG, image_size=(8, 8), overrides=o)
+  low = spec(**{'encoder.moe.router.dispatcher.capacity_factor': 0.5})
+  k1 = spec(**{'encoder.moe.router.num_selected_experts': 1})
+  full = flops.flops_per_image(spec())
   mlp_slot = 2 * 2 * 8 * 16
   # cf 0.5: ceil(2.5) = 3 slots per expert -> 12 per group, 6 per image (was 10).
-  assert full - flops.flops_per_image(low, (8, 8)) == pytest.approx(4 * mlp_slot)
-  assert flops.flops_per_image(k1, (8, 8)) < full
-  assert flops.moe_slots_per_image(low, 2, (8, 8)) == 6
+  assert full - flops.flops_per_image(low) == pytest.approx(4 * mlp_slot)
+  assert flops.flops_per_image(k1) < full
+  assert flops.moe_slots_per_image(low) == 6

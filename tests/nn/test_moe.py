@@ -18,8 +18,9 @@ def _layer(kind, router_name='NoisyTopExpertsPerItemRouter', split_rngs=True,
     router.update(num_selected_experts=k)
   if router_name == 'NoisyTopExpertsPerItemRouter':
     router.update(importance_loss_weight=0.01, load_loss_weight=0.01)
-  return moe.MoeLayer(mlp_dim=16, num_experts=4, group_size=12, router=router,
-                      split_rngs=split_rngs, compute_dtype=compute_dtype)
+  spec = models.resolve_moe(dict(layers=(0,), num_experts=4, group_size=12, router=router,
+                                 split_rngs=split_rngs), tokens_per_image=6)
+  return moe.MoeLayer(spec, mlp_dim=16, compute_dtype=compute_dtype)
 
 
 def _init(layer, seed=2):
@@ -108,15 +109,9 @@ def test_low_capacity_drops_choices_and_dropless_does_not(all_kinds):
 
 
 def test_ragged_without_capacity_is_dropless():
-  config = {'num_classes': 3, 'patch_size': (2, 2), 'hidden_size': 8,
-            'encoder': {'num_layers': 2, 'mlp_dim': 16, 'num_heads': 2,
-                        'moe': {'layers': (1,), 'num_experts': 4, 'group_size': 12,
-                                'router': {'num_selected_experts': 2,
-                                           'dispatcher': {'name': 'ragged'}}}}}
-  disp = models.validate(config)['encoder']['moe']['router']['dispatcher']
-  assert disp['capacity_factor'] == 2.0  # E / K: every expert has room for every token.
-  layer = moe.MoeLayer(mlp_dim=16, num_experts=4, group_size=12,
-                       router={'num_selected_experts': 2, 'dispatcher': disp})
+  layer = _layer('ragged')
+  # E / K: every expert has room for every token.
+  assert layer.spec.capacity_rule.factor == 2.0 and layer.spec.capacity == 12
   m = jax.jit(lambda p: layer.apply(p, 3 * X, train=False)[1])(
       _params('NoisyTopExpertsPerItemRouter'))
   np.testing.assert_array_equal(m['dropped_tokens'], 0)
@@ -136,7 +131,7 @@ def test_bad_dispatcher_fails_validation(router, message):
                         'moe': {'layers': (1,), 'num_experts': 4, 'group_size': 12,
                                 'router': router}}}
   with pytest.raises(ValueError, match=message):
-    models.validate(config)
+    models.resolve(config)
 
 
 def test_split_rngs_controls_expert_initialisation():

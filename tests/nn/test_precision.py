@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from vmoe.nn import mlp
+from vmoe.nn import models
 from vmoe.nn import moe
 from vmoe.nn import precision
 
@@ -98,10 +99,11 @@ def test_mlp_block_bfloat16_within_tolerance_of_float32():
 def moe_runs():
   """kind -> dtype -> (output, grads w.r.t. params and x) of one MoE layer."""
   x = jax.random.normal(_key(8), (4, 6, 16))
-  layer = lambda kind, dt: moe.MoeLayer(
-      mlp_dim=32, num_experts=4, group_size=12, compute_dtype=dt, split_rngs=True,
-      router={'num_selected_experts': 2,
-              'dispatcher': {'name': kind, 'capacity_factor': 1.0}})
+  layer = lambda kind, dt: moe.MoeLayer(models.resolve_moe(
+      dict(layers=(0,), num_experts=4, group_size=12, split_rngs=True,
+           router={'num_selected_experts': 2,
+                   'dispatcher': {'name': kind, 'capacity_factor': 1.0}}),
+      tokens_per_image=6), mlp_dim=32, compute_dtype=dt)
   params = layer('indices', 'float32').init(_key(9), x, train=False)
   out = {}
   for kind in ('einsum', 'indices', 'ragged'):

@@ -35,7 +35,7 @@ def case(request):
   images = np.load(_path(f'{name}_inputs.npy'))
   outputs = {}
   for run, config, logits_file in _runs(name, suffix):
-    model = models.build_model(config)
+    model = models.build_model(config, images.shape[1:3])
     (logits, metrics), state = jax.jit(
         lambda p, x: model.apply({'params': p}, x, mutable='intermediates'))(params, images)
     outputs[run] = (config, logits_file, logits, metrics, state['intermediates'])
@@ -94,7 +94,7 @@ def test_param_tree_matches_reference(case):
   name, params, images, outputs = case
   digests = json.load(open(_path(f'{name}_param_digests.json')))['leaves']
   for run, (config, *_) in outputs.items():
-    model = models.build_model(config)
+    model = models.build_model(config, images.shape[1:3])
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))['params']
     flat = {'/'.join(k.key for k in path): tuple(v.shape)
             for path, v in jax.tree_util.tree_leaves_with_path(shapes)}

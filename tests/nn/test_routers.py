@@ -1,5 +1,4 @@
 """Property tests of every router, and the layer-level guarantees they give."""
-import copy
 import json
 
 import numpy as np
@@ -13,6 +12,7 @@ from vmoe.nn import moe
 from vmoe.nn import models
 from vmoe.nn import routers
 from vmoe.nn.routers import transport
+from vmoe.utils import dotted
 
 pytestmark = pytest.mark.xla_defaults
 
@@ -34,8 +34,10 @@ def _layer(name, kind='einsum', shared=0, **router):
     disp = {'name': kind}
   else:
     disp = {'name': kind, 'capacity_factor': 1.0, 'capacity_multiple_of': 1}
-  return moe.MoeLayer(mlp_dim=16, num_experts=E, group_size=S, shared_experts=shared,
-                      router={'name': name, 'dispatcher': disp, **router})
+  spec = models.resolve_moe(
+      dict(layers=(0,), num_experts=E, group_size=S, shared_experts=shared,
+           router={'name': name, 'dispatcher': disp, **router}), tokens_per_image=T)
+  return moe.MoeLayer(spec, mlp_dim=16)
 
 
 def _run(layer, train=True, mutable=False):
@@ -94,9 +96,10 @@ def test_per_image_routing_sends_every_token_of_an_image_to_the_same_experts():
 def test_soft_routing_weights_are_convex():
   layer = _layer('SoftRouter')
   params = jax.jit(lambda k: layer.init(k, X, train=False))(jax.random.PRNGKey(1))
-  router = routers.SoftRouter(num_experts=E, num_slots=3)
-  r, _ = jax.jit(lambda p: router.apply({'params': p}, X.reshape(G, S, D), train=False,
-                                        tokens_per_image=T))(params['params']['Router'])
+  router = routers.SoftRouter(**layer.spec.router_kwargs())
+  assert layer.spec.capacity == 3  # num_slots.
+  r, _ = jax.jit(lambda p: router.apply({'params': p}, X.reshape(G, S, D), train=False))(
+      params['params']['Router'])
   assert r.dispatch_weights.shape == (G, S, E, 3)
   np.testing.assert_allclose(r.dispatch_weights.sum(axis=1), 1, atol=1e-5)
   np.testing.assert_allclose(r.combine_weights.sum(axis=(2, 3)), 1, atol=1e-5)
@@ -149,13 +152,16 @@ def test_shared_expert_output_is_shared_mlp_plus_routed_output():
 def test_superclass_guidance_adds_its_loss(tmp_path):
   path = tmp_path / 'superclasses.json'
   path.write_text(json.dumps({'superclass_of_class': [0, 1, 2, 3, 0, 1]}))
-  router = routers.PerImageRouter(num_experts=E, num_selected_experts=1, superclasses=str(path),
-                                  num_classes=6, dispatcher={'capacity_factor': 1.0})
+  spec = models.resolve_moe(
+      dict(layers=(0,), num_experts=E, group_size=S, router=dict(
+          name='PerImageRouter', num_selected_experts=1, superclasses=str(path),
+          dispatcher={'capacity_factor': 1.0})), tokens_per_image=T, num_classes=6)
+  assert spec.superclasses == (0, 1, 2, 3, 0, 1)  # The file, read once.
+  router = routers.PerImageRouter(**spec.router_kwargs())
   xg = X.reshape(G, S, D)
   labels = jnp.arange(G * S // T) % 6
-  params = jax.jit(lambda k: router.init(k, xg, train=False, tokens_per_image=T))(
-      jax.random.PRNGKey(0))
-  _, m = jax.jit(lambda p: router.apply(p, xg, train=True, tokens_per_image=T, labels=labels,
+  params = jax.jit(lambda k: router.init(k, xg, train=False))(jax.random.PRNGKey(0))
+  _, m = jax.jit(lambda p: router.apply(p, xg, train=True, labels=labels,
                                         rngs={'gating': jax.random.PRNGKey(1)}))(params)
   np.testing.assert_allclose(m['auxiliary_loss'], 0.3 * m['superclass_loss'], rtol=1e-6)
   assert (np.asarray(m['superclass_loss']) > 0).all()
@@ -187,12 +193,11 @@ BASE = {
 ])
 def test_bad_router_settings_fail_before_compilation(overrides, message):
   with pytest.raises(ValueError, match=message):
-    models.build_model(models.apply_overrides(copy.deepcopy(BASE), overrides))
+    models.resolve(dotted.with_values(BASE, overrides), image_size=(4, 4))
 
 
 def test_superclass_file_with_wrong_class_count(tmp_path):
   path = tmp_path / 'sc.json'
   path.write_text(json.dumps({'superclass_of_class': [0, 1, 2, 3]}))
   with pytest.raises(ValueError, match='has 4 classes but the model has num_classes=6'):
-    models.build_model(models.apply_overrides(
-        copy.deepcopy(BASE), {'encoder.moe.router.superclasses': str(path)}))
+    models.resolve(dotted.with_values(BASE, {'encoder.moe.router.superclasses': str(path)}))

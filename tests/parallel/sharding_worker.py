@@ -17,7 +17,7 @@ import optax
 from vmoe.configs import common
 from vmoe.nn import models
 from vmoe.parallel import mesh as mesh_lib
-from vmoe.train import trainer
+from vmoe.train import step as step_lib
 from vmoe.train import train_state as train_state_lib
 
 P = jax.sharding.PartitionSpec
@@ -82,7 +82,7 @@ def main():
       ('scanned_top_k', model_config('top_k', num_layers=4, scan=True),
        {'data2_expert4': MESHES['data2_expert4']})]
   for router, config, meshes in cases:
-    model = models.build_model(config)
+    model = models.build_model(config, IMAGE[:2])
     params = random_params(model, seed=1)
     ref_loss, ref_grads = jax.jit(loss_fn(model))(params, batch)
     for name, spec in meshes.items():
@@ -117,7 +117,7 @@ def main():
 
 def train_step_shardings(batch) -> dict:
   """One real train step (Adam) on data 2 x expert 4: where the state lives after it."""
-  model = models.build_model(model_config('top_k'))
+  model = models.build_model(model_config('top_k'), IMAGE[:2])
   tx = optax.adam(1e-3)
   mesh = mesh_lib.make_mesh({'data': -1, 'expert': 4})
   params = random_params(model, seed=2)
@@ -125,7 +125,7 @@ def train_step_shardings(batch) -> dict:
                                      opt_state=tx.init(params))
   state_sharding = mesh_lib.state_sharding(mesh, state)
   batch_sharding = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
-  step = jax.jit(trainer.make_train_step(
+  step = jax.jit(step_lib.make_train_step(
       model.clone(moe_sharding=mesh_lib.moe_sharding(mesh)), tx, lambda s: 1e-3,
       optax.softmax_cross_entropy, seed=0, rng_names=('gating',), mixup_config=None,
       num_shards=8), in_shardings=(state_sharding, batch_sharding),

@@ -87,9 +87,9 @@ class Run:
       self.final = json.load(f)
 
   def losses(self) -> dict[int, float]:
-    """{step: train loss} logged by process 0."""
-    return {int(m[1]): float(m[2]) for m in map(LOSS.search, self.log(0).splitlines())
-            if m}
+    """{step: train loss} in process 0's log file."""
+    with open(os.path.join(self.workdir, 'logs', 'main.log')) as f:
+      return {int(m[1]): float(m[2]) for m in map(LOSS.search, f) if m}
 
   def kill(self):
     for p in self.procs:

@@ -30,7 +30,7 @@ def test_mesh_shape():
 
 def _digits_params(num_experts=4):
   config = common.load_config(os.path.join(REPO, f'configs/digits.py:num_experts={num_experts}'))
-  model = models.build_model(config.model)
+  model = models.build_model(config.model, (8, 8))
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                         jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32))['params']
 
@@ -54,9 +54,10 @@ def test_experts_on_the_expert_axis_rest_replicated_or_fsdp():
 
 
 def test_experts_must_divide_the_expert_axis():
-  with pytest.raises(ValueError, match=r"has 4 experts, not divisible by the mesh axis "
-                     r"'expert' of size 8"):
-    rules.check_experts(_digits_params(4), {'expert': 8})
+  config = common.load_config(os.path.join(REPO, 'configs/digits.py:num_experts=4'))
+  with pytest.raises(ValueError, match=r"num_experts=4 is not divisible by the mesh's "
+                     r"expert axis .* on 8 devices"):
+    plan_lib.plan(config, 'data:1,expert:8', image_size=8)
 
 
 def test_15b_plan():
@@ -83,7 +84,7 @@ def test_plan_cli_json():
 
 @pytest.mark.parametrize('flag, message', [
     # Caught in main: the digits config's 8 experts on an expert axis of 3.
-    ('--mesh=data:1,expert:3', "8 experts, not divisible by the mesh axis 'expert' of size 3"),
+    ('--mesh=data:1,expert:3', "num_experts=8 is not divisible by the mesh's expert axis"),
     # Caught while parsing the flags: an override of a key the config lacks.
     ('--config.trian_steps=3', "Unknown config key 'trian_steps'"),
 ])

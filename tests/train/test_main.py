@@ -46,7 +46,7 @@ def test_console_shows_progress_and_results_and_the_log_file_the_rest(runs, refe
                      'Step 40, few-shot: ' + out[4].split(': ', 1)[1],
                      'Final test: ' + out[5].split(': ', 1)[1]], out
   # Not a terminal: one progress line per report (every 10 steps), nothing else.
-  assert [l.split(' [')[0] for l in err] == [f'train: {s}/40' for s in (10, 20, 30, 40)], err
+  assert [line.split(' [')[0] for line in err] == [f'train: {s}/40' for s in (10, 20, 30, 40)], err
   assert re.search(r'train: 40/40 \[.*step/s, loss=[0-9.]+\]$', err[-1])
   with open(log) as f:
     text = f.read()

@@ -146,7 +146,7 @@ def test_adafactor_first_update_is_exact_for_rank_one_squares():
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(name='lamb'), "optimizer.name='lamb' is unknown"),
-    (dict(name='adam', beta1=0.9), r"Unknown keys \['beta1'\] in optimizer 'adam'"),
+    (dict(name='adam', beta1=0.9), r"Unknown key\(s\) \['beta1'\] in optimizer 'adam'"),
     (dict(name='sgd', gradient_clip={'norm': 1.0}), 'gradient_clip'),
     (dict(name='sgd', weight_decay=[('(', 0.1)]), 'Invalid regex'),
     (dict(name='sgd', frozen_pattern='[a'), 'Invalid regex'),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from vmoe.checkpoints import sources
 from vmoe.checkpoints import training
 from vmoe.configs import common
 from vmoe.train import trainer
@@ -53,8 +54,8 @@ def test_killed_at_several_points_resumes_bit_equal(runs, reference, tmp_path):
   proc = runs.start(workdir)
   killed_at = runs.kill_during_checkpoint_write(proc, workdir, min_step=stopped_at + 1)
   assert stopped_at <= max(runs.steps(workdir)) < killed_at
-  _, err = runs.finish(runs.start(workdir))
-  assert 'Resuming from the checkpoint of step' in err
+  out, _ = runs.finish(runs.start(workdir))
+  assert 'Resuming from the checkpoint of step' in out
   runs.assert_bit_equal(runs.final_params(workdir), runs.final_params(reference.workdir))
 
 
@@ -85,7 +86,7 @@ def test_unreadable_checkpoints_fall_back_or_fail_clearly(tmp_path):
   _truncate_data(ckpt.directory, 5)
   with pytest.raises(ValueError, match=r'Checkpoint step 5 in .* cannot be read: '
                      r'ValueError: OUT_OF_RANGE'):
-    training.load_latest_params(str(tmp_path))  # Never a silent fallback.
+    sources.load_params(str(tmp_path))  # Never a silent fallback.
   step, state = ckpt.restore_latest(abstract)
   assert step == 3 and ckpt.all_steps() == [3]
   np.testing.assert_array_equal(state['params']['w'], _state(3)['params']['w'])

@@ -53,9 +53,9 @@ def test_big_vision_rsqrt():
 @pytest.mark.parametrize('config, match', [
     (dict(schedule='nope', peak_value=1.0), "optimizer.learning_rate.schedule='nope' is unknown"),
     (dict(schedule='warmup_cosine_decay', peak_value=1.0, warmup_steps=1,
-          peak=2.0), r"Unknown keys \['peak'\].*valid keys"),
+          peak=2.0), r"Unknown key\(s\) \['peak'\].*valid keys"),
     (dict(schedule='warmup_cosine_decay', warmup_steps=1),
-     r"Missing keys \['peak_value'\]"),
+     r"Missing key\(s\) \['peak_value'\]"),
     (dict(schedule='warmup_linear_decay', peak_value=1.0, warmup_steps=200),
      'warmup_steps'),
 ])

@@ -9,7 +9,6 @@ name and renamed when complete; nothing uses pickle.
 import glob
 import os
 from typing import Any, Mapping
-import uuid
 
 from flax import traverse_util
 import numpy as np
@@ -17,6 +16,7 @@ import safetensors.numpy
 
 from vmoe.checkpoints import legacy
 from vmoe.nn import scan
+from vmoe.utils import files
 
 FORMATS = ('legacy', 'safetensors', 'npz')
 
@@ -40,22 +40,6 @@ def outputs(fmt: str, out: str) -> list[str]:
     return sorted(glob.glob(glob.escape(out) + '.index')
                   + glob.glob(glob.escape(out) + '.data-*-of-*'))
   return [out] if os.path.exists(out) else []
-
-
-def _atomic(out: str, write):
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = f'{out}.tmp-{uuid.uuid4().hex}'
-  try:
-    write(tmp)
-    # Some writers (safetensors) create their file private (0600); an export is meant to be
-    # shared, so it gets the mode of any new file: 0666 less the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _write_npz(path: str, flat: dict[str, np.ndarray]):
@@ -89,7 +73,9 @@ def export(params: Mapping[str, Any], fmt: str, out: str, *, num_shards: int = 1
     return sorted(keep)
   if fmt == 'safetensors':
     flat = {n: np.ascontiguousarray(x) for n, x in flat.items()}
-    _atomic(out, lambda tmp: safetensors.numpy.save_file(flat, tmp))
+    with files.atomic_path(out) as tmp:
+      safetensors.numpy.save_file(flat, tmp)
   else:
-    _atomic(out, lambda tmp: _write_npz(tmp, flat))
+    with files.atomic_path(out) as tmp:
+      _write_npz(tmp, flat)
   return [out]

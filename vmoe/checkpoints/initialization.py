@@ -16,8 +16,9 @@ neither):
       .npz of vision_transformer / big_vision, keys '/'-joined like 'Transformer/...') or
       'orbax' (a vmoe WORKDIR/checkpoints/STEP directory, or a WORKDIR for its latest).
     path: where it is (a local path).
-    rules: ordered list of tuples (kind, regex, *args), see vmoe.checkpoints.rules; each is applied to the
-      names ('/'-joined paths) the previous rules produced, regexes use `re.search`.
+    rules: ordered list of tuples (kind, regex, *args), see vmoe.checkpoints.rules; each
+      is applied to the names ('/'-joined paths) the previous rules produced, regexes use
+      `re.search`.
     allow_unused, allow_missing, allow_mismatched: False/None (default), True, or a regex
       of names: checkpoint tensors that may match no target param (dropped); target params
       the checkpoint may lack (fresh init); checkpoint tensors whose shape may differ from

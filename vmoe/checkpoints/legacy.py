@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import uuid
 
 import jax
-import ml_dtypes  # pylint: disable=unused-import  # registers 'bfloat16' & co. with numpy.
+import ml_dtypes  # noqa: F401  # pylint: disable=unused-import  # registers 'bfloat16' & co. with numpy.
 import msgpack
 import numpy as np
 
@@ -156,10 +156,10 @@ def _intersect(box: Box, region: Box):
   """Returns (src, dst) python slices: chunk[src] goes to out[dst]; None if disjoint."""
   lo = [max(b[0], r[0]) for b, r in zip(box, region)]
   hi = [min(b[1], r[1]) for b, r in zip(box, region)]
-  if any(h <= l for l, h in zip(lo, hi)):
+  if any(h <= lo_ for lo_, h in zip(lo, hi)):
     return None
-  src = tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))
-  dst = tuple(slice(l - r[0], h - r[0]) for l, h, r in zip(lo, hi, region))
+  src = tuple(slice(a - b[0], h - b[0]) for a, h, b in zip(lo, hi, box))
+  dst = tuple(slice(a - r[0], h - r[0]) for a, h, r in zip(lo, hi, region))
   return src, dst
 
 

@@ -90,14 +90,16 @@ def base_config(*, seed: int = 0) -> ConfigDict:
 
 
 def data_config(*, name: str, split: str, process: str, batch_size: int,
-                shuffle_buffer: int | None = None, cache: bool | None = None,
+                shuffle_buffer: int | None = None, cache: bool | str | None = None,
                 prefetch: int = 2, data_dir: str | None = None) -> ConfigDict:
-  """One entry of config.dataset; batch_size is the global batch."""
+  """One entry of config.dataset; batch_size is the global batch. cache: None, False,
+  True, 'loaded' or 'batched' (vmoe.data.pipeline), any of them settable from the command
+  line."""
   return ConfigDict(dict(
       name=name, split=split, process=process, batch_size=batch_size,
       shuffle_buffer=config_dict.placeholder(int) if shuffle_buffer is None
       else shuffle_buffer,
-      cache=config_dict.placeholder(bool) if cache is None else cache,
+      cache=config_dict.FieldReference(cache, field_type=object),
       prefetch=prefetch,
       data_dir=config_dict.placeholder(str) if data_dir is None else data_dir))
 

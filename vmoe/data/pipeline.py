@@ -129,9 +129,9 @@ def check_config(cfg: Any, where: str, *, train: bool):
     raise ValueError(f'{where}.shuffle_buffer={buffer!r} must be an integer '
                      f'>= 0 (examples), or None for the default.')
   prefetch = cfg.get('prefetch')
-  if prefetch is not None and not (checks.is_int(prefetch) and prefetch >= -1):
+  if prefetch not in (None, 'autotune') and not (checks.is_int(prefetch) and prefetch >= -1):
     raise ValueError(f'{where}.prefetch={prefetch!r} must be an integer >= 0 '
-                     f'(batches), or None / -1 to autotune.')
+                     f"(batches), or None / -1 / 'autotune' to autotune.")
   ahead = cfg.get('prefetch_device')
   if ahead is not None and not (checks.is_int(ahead) and ahead >= 0):
     raise ValueError(f'{where}.prefetch_device={ahead!r} must be an integer '
@@ -238,7 +238,9 @@ def _cache_mode(cfg, *, train: bool) -> str | None:
 
 
 def _prefetch(cfg) -> int:
-  return _get(cfg, 'prefetch', tf.data.AUTOTUNE)
+  """cfg.prefetch; None, -1 and 'autotune' (the reference's spelling) autotune."""
+  prefetch = _get(cfg, 'prefetch', tf.data.AUTOTUNE)
+  return tf.data.AUTOTUNE if prefetch == 'autotune' else prefetch
 
 
 def _read(instructions) -> tf.data.Dataset:

@@ -16,7 +16,7 @@ are given (see registry.compose), so a pipeline is reproducible and resumable.
 """
 import tensorflow as tf
 
-from vmoe.data import randaug as _randaug  # pylint: disable=unused-import
+from vmoe.data import randaug as _randaug  # noqa: F401  # pylint: disable=unused-import
 from vmoe.data import registry
 from vmoe.data.registry import keyed, register
 

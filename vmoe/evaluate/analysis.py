@@ -167,7 +167,7 @@ def plot_summary(summaries: Mapping[str, dict], path: str):
   fig, ax = plt.subplots(figsize=(2 + 1.6 * len(layers), 3.5))
   width = 0.8 / len(keys)
   for i, key in enumerate(keys):
-    values = [summaries[l][key] or 0.0 for l in layers]
+    values = [summaries[layer][key] or 0.0 for layer in layers]
     ax.bar(np.arange(len(layers)) + (i - 1.5) * width, values, width, label=key)
   ax.set_xticks(range(len(layers)), layers, fontsize=8)
   ax.legend(fontsize=7)

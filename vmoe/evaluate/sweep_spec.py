@@ -1,4 +1,5 @@
-"""Parse test-time sweeps: 'capacity_factor=0.5,1;num_selected_experts=1,2;batch_priority=false,true'.
+"""Parse test-time sweeps, e.g.
+'capacity_factor=0.5,1;num_selected_experts=1,2;batch_priority=false,true'.
 
 Each ';'-separated item is KEY=V1,V2,...; the sweep is every combination. KEY is a short
 name below or any dotted key of the config (e.g. model.encoder.moe.group_size). Values are

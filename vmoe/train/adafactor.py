@@ -74,23 +74,12 @@ def scale_by_adafactor(
         dims, is_leaf=lambda x: isinstance(x, _Dims))]
 
   def init_fn(params):
-    dims = leaf_dims(params)
     leaves, treedef = jax.tree.flatten(params)
-    placeholder = jnp.zeros((1,), jnp.float32)
-    v_row, v_col, v = [], [], []
-    for p, d in zip(leaves, dims):
-      if d is None:
-        v_row.append(placeholder)
-        v_col.append(placeholder)
-        v.append(jnp.zeros(p.shape, jnp.float32))
-      else:
-        row, col = d
-        v_row.append(jnp.zeros(_drop(p.shape, col), jnp.float32))
-        v_col.append(jnp.zeros(_drop(p.shape, row), jnp.float32))
-        v.append(placeholder)
+    v_row, v_col, v = zip(*(_zero_moments(p.shape, d)
+                            for p, d in zip(leaves, leaf_dims(params))))
     m = (jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params)
          if momentum else optax.EmptyState())
-    unflat = lambda xs: jax.tree.unflatten(treedef, xs)
+    unflat = lambda xs: jax.tree.unflatten(treedef, list(xs))
     return ScaleByAdafactorState(
         count=jnp.zeros((), jnp.int32), v_row=unflat(v_row),
         v_col=unflat(v_col), v=unflat(v), m=m)
@@ -102,26 +91,10 @@ def scale_by_adafactor(
     beta = jnp.minimum(decay_rate_max, 1.0 - t ** (-decay_rate))
     leaves, treedef = jax.tree.flatten(updates)
     flat = lambda tree: treedef.flatten_up_to(tree)
-    out, v_row, v_col, v = [], [], [], []
-    for g, d, vr, vc, vf in zip(leaves, dims, flat(state.v_row),
-                                flat(state.v_col), flat(state.v)):
-      g2 = jnp.square(g.astype(jnp.float32)) + eps
-      if d is None:
-        vf = beta * vf + (1 - beta) * g2
-        out.append((g * jax.lax.rsqrt(vf)).astype(g.dtype))
-      else:
-        row, col = d
-        vr = beta * vr + (1 - beta) * jnp.mean(g2, axis=col)
-        vc = beta * vc + (1 - beta) * jnp.mean(g2, axis=row)
-        # v_row's axes are g's minus `col`, so `row` moves left if after col.
-        row_in_vr = row - 1 if row > col else row
-        vr_norm = vr / jnp.mean(vr, axis=row_in_vr, keepdims=True)
-        v_est = jnp.expand_dims(vr_norm, col) * jnp.expand_dims(vc, row)
-        out.append((g * jax.lax.rsqrt(v_est)).astype(g.dtype))
-      v_row.append(vr)
-      v_col.append(vc)
-      v.append(vf)
-    unflat = lambda xs: jax.tree.unflatten(treedef, xs)
+    out, v_row, v_col, v = zip(*(
+        _scale(g, d, vr, vc, vf, beta, eps) for g, d, vr, vc, vf in zip(
+            leaves, dims, flat(state.v_row), flat(state.v_col), flat(state.v))))
+    unflat = lambda xs: jax.tree.unflatten(treedef, list(xs))
     out = unflat(out)
     m = state.m
     if momentum:
@@ -135,6 +108,33 @@ def scale_by_adafactor(
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _zero_moments(shape, dims):
+  """(v_row, v_col, v) of a new leaf: factored moments, or the full one (the others are
+  placeholders)."""
+  placeholder = jnp.zeros((1,), jnp.float32)
+  if dims is None:
+    return placeholder, placeholder, jnp.zeros(shape, jnp.float32)
+  row, col = dims
+  return (jnp.zeros(_drop(shape, col), jnp.float32),
+          jnp.zeros(_drop(shape, row), jnp.float32), placeholder)
+
+
+def _scale(g, dims, vr, vc, vf, beta, eps):
+  """One leaf's gradient g scaled by its updated second moment -> (update, vr, vc, vf)."""
+  g2 = jnp.square(g.astype(jnp.float32)) + eps
+  if dims is None:
+    vf = beta * vf + (1 - beta) * g2
+    return (g * jax.lax.rsqrt(vf)).astype(g.dtype), vr, vc, vf
+  row, col = dims
+  vr = beta * vr + (1 - beta) * jnp.mean(g2, axis=col)
+  vc = beta * vc + (1 - beta) * jnp.mean(g2, axis=row)
+  # v_row's axes are g's minus `col`, so `row` moves left if after col.
+  row_in_vr = row - 1 if row > col else row
+  vr_norm = vr / jnp.mean(vr, axis=row_in_vr, keepdims=True)
+  v_est = jnp.expand_dims(vr_norm, col) * jnp.expand_dims(vc, row)
+  return (g * jax.lax.rsqrt(v_est)).astype(g.dtype), vr, vc, vf
 
 
 class _Dims(NamedTuple):

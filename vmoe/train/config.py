@@ -349,12 +349,16 @@ def with_inputs(run: Run, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -
   """Checks what depends on the shapes of the data and resolves each dataset's model for
   its images, before anything compiles.
 
-  shapes: of one (process-local) batch of every dataset of run.data, e.g.
-    {'dataset.train': {'image': (B, H, W, C), 'labels': (B, K)}, ...}.
+  shapes: of one (process-local) batch of 'dataset.train' and of the other datasets to
+    use, e.g. {'dataset.train': {'image': (B, H, W, C), 'labels': (B, K)}, ...}; a dataset
+    without shapes is left unresolved (e.g. the eval sets a planner does not run).
   """
   train_image = tuple(shapes['dataset.train'].get('image', ()))
   data = []
   for d in run.data:
+    if d.name not in shapes:
+      data.append(d)
+      continue
     where, image = f'config.{d.name}', tuple(shapes[d.name].get('image', ()))
     if len(image) != 4:
       raise ValueError(f'{where}.process must give "image" batches [B, H, W, C], got '

@@ -72,7 +72,7 @@ def check_config(cfg: Mapping[str, Any], where: str = 'config.fewshot'):
   if not shots or any(not isinstance(n, int) or n < 1 for n in shots):
     raise ValueError(f'{where}.shots={shots!r} must be positive integers, e.g. (1, 5, 10).')
   l2s = cfg.get('l2s', DEFAULT_L2S)
-  if not l2s or any(not isinstance(l, (int, float)) or l < 0 for l in l2s):
+  if not l2s or any(not isinstance(x, (int, float)) or x < 0 for x in l2s):
     raise ValueError(f'{where}.l2s={l2s!r} must be non-negative numbers.')
 
 
@@ -124,7 +124,7 @@ def plot(results: Mapping[str, Any], path: str):
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, r in results.items():
     l2s = sorted(r['by_l2'], key=float)
-    ax.plot([float(l) for l in l2s], [100 * r['by_l2'][l] for l in l2s], 'o-',
+    ax.plot([float(x) for x in l2s], [100 * r['by_l2'][x] for x in l2s], 'o-',
             label=f'{name} (best {100 * r["accuracy"]:.1f}%)')
   ax.set_xscale('log', base=2)
   ax.set_xlabel('ridge L2 strength')

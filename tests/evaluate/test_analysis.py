@@ -1,11 +1,10 @@
-"""Routing analysis on synthetic routings, and few-shot ridge regression."""
+"""Routing analysis on synthetic routings."""
 import json
 
 import numpy as np
-import pytest
 
 from vmoe.evaluate import analysis
-from vmoe.evaluate import fewshot
+from vmoe.utils import files
 
 
 def _slots(experts_of_token, e):
@@ -34,7 +33,7 @@ def test_specialised_layer_is_kept_and_random_one_made_dense(tmp_path):
   analysis.plot_layers({'encoderblock_1': s_rand, 'encoderblock_3': s_spec},
                        str(tmp_path / 'routing.png'))
   assert (tmp_path / 'routing.png').stat().st_size > 1000
-  analysis.write_json(str(tmp_path / 'routing.json'), rec)
+  files.write_json(str(tmp_path / 'routing.json'), rec)
   assert json.loads((tmp_path / 'routing.json').read_text()) == rec
 
 
@@ -59,27 +58,3 @@ def test_superclass_by_expert_counts(tmp_path):
   analysis.plot_summary({'encoderblock_3': s}, str(tmp_path / 'summary.png'))
   assert (tmp_path / 'sc.png').stat().st_size > 1000
   assert (tmp_path / 'summary.png').stat().st_size > 1000
-
-
-def test_fewshot_config_errors():
-  ok = {'train': {'name': 'digits'}, 'test': {'name': 'digits'}}
-  fewshot.check_config(ok)
-  for bad, message in [({**ok, 'shot': (1,)}, r"Unknown key\(s\) \['shot'\]"),
-                       ({'train': ok['train']}, r'config.fewshot.test is required'),
-                       ({**ok, 'shots': (0, 5)}, r'config.fewshot.shots=\(0, 5\)'),
-                       ({**ok, 'l2s': (-1.0,)}, r'config.fewshot.l2s=\(-1.0,\)')]:
-    with pytest.raises(ValueError, match=message):
-      fewshot.check_config(bad)
-
-
-def test_ridge_fewshot_separates_separable_classes():
-  rng = np.random.default_rng(0)
-  centers = rng.normal(size=(5, 16)) * 4
-  ytr, yte = rng.integers(0, 5, 200), rng.integers(0, 5, 100)
-  xtr = centers[ytr] + rng.normal(size=(200, 16))
-  xte = centers[yte] + rng.normal(size=(100, 16))
-  res = fewshot.fewshot_sweep(xtr, ytr, xte, yte, 5, shots=(1, 10))
-  assert res['10shot']['accuracy'] > 0.95
-  assert set(res['1shot']['by_l2']) == set(res['10shot']['by_l2'])
-  idx = fewshot.pick_shots(ytr, 3)
-  assert np.bincount(ytr[idx]).tolist() == [3] * 5
