@@ -17,6 +17,7 @@ import tempfile
 from absl import app
 from absl import flags
 from absl import logging
+from vmoe.utils import checks
 from vmoe.utils import dotted
 from vmoe.utils import files
 
@@ -134,7 +135,7 @@ def initialize_distributed(mode: str = 'auto', *, coordinator_address: str | Non
               'num_processes': num_processes, 'process_id': process_id}
   given = [k for k, v in explicit.items() if v is not None]
   if mode not in DISTRIBUTED_MODES:
-    raise ValueError(f'--distributed={mode!r} is unknown; valid: {DISTRIBUTED_MODES}.')
+    checks.one_of(mode, DISTRIBUTED_MODES, '--distributed')
   if mode == 'off' and given:
     raise ValueError(f'--distributed=off contradicts --{given[0]}; drop one of them.')
   if given and (coordinator_address is None or len(given) < 3) and not cluster_env():

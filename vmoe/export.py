@@ -13,6 +13,7 @@ from absl import flags
 from vmoe import cli
 from vmoe.checkpoints import export as export_lib
 from vmoe.checkpoints import sources
+from vmoe.utils import checks
 from vmoe.utils import console
 
 
@@ -22,8 +23,7 @@ def run(*, workdir: str | None, checkpoint: str | None, fmt: str, out: str,
   if (workdir is None) == (checkpoint is None):
     raise ValueError('Give exactly one of --workdir (its latest checkpoint) and '
                      '--checkpoint (WORKDIR/checkpoints/STEP or a legacy prefix).')
-  if fmt not in export_lib.FORMATS:
-    raise ValueError(f'--format={fmt!r} is unknown; valid: {export_lib.FORMATS}.')
+  checks.one_of(fmt, export_lib.FORMATS, '--format')
   if num_shards < 1 or (num_shards > 1 and fmt != 'legacy'):
     raise ValueError(f'--num_shards={num_shards}: must be >= 1, and only --format=legacy '
                      'writes several files.')

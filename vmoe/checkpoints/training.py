@@ -215,15 +215,10 @@ class TrainCheckpointer:
 
 
 def latest_step(workdir: str) -> int | None:
-  """The latest complete checkpoint step of WORKDIR/checkpoints, read-only (for tools
-  that read a workdir another process may be writing)."""
-  manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  """The latest complete (finalized) checkpoint step of WORKDIR/checkpoints, read-only:
+  for tools that read a workdir another process may be writing."""
+  steps = ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  return max(steps) if steps else None
 
 
 def read_error(e: BaseException) -> str:

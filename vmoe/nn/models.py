@@ -53,9 +53,7 @@ def resolve(config: Any, *, image_size: Optional[Sequence[int]] = None,
     raise ValueError(f'model.patch_size={patch!r} must be two positive integers (height, '
                      'width), e.g. (16, 16).')
   hidden = checks.positive_int(checks.required(c, 'hidden_size', 'model'), 'model.hidden_size')
-  classifier = c.get('classifier', 'token')
-  if classifier not in vit.CLASSIFIERS:
-    raise ValueError(f'model.classifier={classifier!r} is unknown; valid: {vit.CLASSIFIERS}.')
+  classifier = checks.one_of(c.get('classifier', 'token'), vit.CLASSIFIERS, 'model.classifier')
   spec = ModelSpec(
       name=name, num_classes=c.get('num_classes'), patch_size=tuple(patch),
       hidden_size=hidden, classifier=classifier,
@@ -153,9 +151,7 @@ def _moe(moe: Mapping[str, Any], num_classes: Optional[int]) -> spec_lib.MoeSpec
   if not checks.is_int(k) or not 1 <= k <= e:
     raise ValueError(f'{where}.num_selected_experts={k!r} must be in [1, num_experts={e}]; '
                      'lower it or add experts.')
-  if options.get('image_repr', 'mean') not in per_image.IMAGE_REPRS:
-    raise ValueError(f'{where}.image_repr={options["image_repr"]!r} is unknown; valid: '
-                     f'{per_image.IMAGE_REPRS}.')
+  checks.one_of(options.get('image_repr', 'mean'), per_image.IMAGE_REPRS, f'{where}.image_repr')
   if options.get('superclasses') is not None:
     options['superclasses'] = per_image.load_superclasses(options['superclasses'],
                                                           num_classes, e)

@@ -15,6 +15,7 @@ on 1 device.
 """
 import jax
 import jax.numpy as jnp
+from vmoe.utils import checks
 
 GRANULARITIES = ('batch', 'device', 'example')
 
@@ -26,9 +27,7 @@ def check_config(concentration: float, size: int = 2,
                      f'remove config.mixup to train without mixup.')
   if not isinstance(size, int) or size < 2:
     raise ValueError(f'mixup.size must be an integer >= 2, got {size!r}.')
-  if granularity not in GRANULARITIES:
-    raise ValueError(f'mixup.granularity={granularity!r} is unknown; valid: '
-                     f'{GRANULARITIES}.')
+  checks.one_of(granularity, GRANULARITIES, 'mixup.granularity')
 
 
 def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,

@@ -88,10 +88,8 @@ def check_config(config: Mapping[str, Any]):
   if 'learning_rate' not in config:
     raise ValueError('optimizer.learning_rate is required (a float or '
                      '{schedule: NAME, ...}).')
-  unknown = set((config.get('gradient_clip') or {}).keys()) - GRADIENT_CLIP_KEYS
-  if unknown:
-    raise ValueError(f'Unknown keys {sorted(unknown)} in optimizer.gradient_clip;'
-                     f' valid keys: {sorted(GRADIENT_CLIP_KEYS)}.')
+  checks.check_keys(config.get('gradient_clip') or {}, GRADIENT_CLIP_KEYS,
+                    'optimizer.gradient_clip')
   for key in ('b1', 'b2', 'momentum', 'decay_rate'):
     v = kwargs.get(key)
     if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1):
