@@ -1,28 +1,11 @@
 """`load_classifier`: a released (or our own) checkpoint as a numpy-in, numpy-out function."""
 from typing import Any, Callable, Mapping, Optional
 
-from flax import traverse_util
 import jax
 import numpy as np
 
 from vmoe.checkpoints import sources
 from vmoe.nn import models
-
-
-def check_params(params: Mapping[str, Any], expected: Mapping[str, Any], source: str):
-  """Raises one ValueError listing missing, unexpected and mis-shaped parameters."""
-  got = traverse_util.flatten_dict(params, sep='/')
-  want = traverse_util.flatten_dict(expected, sep='/')
-  problems = [f'missing {k} {tuple(want[k].shape)}' for k in sorted(set(want) - set(got))]
-  problems += [f'unexpected {k} {tuple(np.shape(got[k]))}' for k in sorted(set(got) - set(want))]
-  problems += [f'{k} has shape {tuple(np.shape(got[k]))}, the model needs {tuple(want[k].shape)}'
-               for k in sorted(set(got) & set(want))
-               if tuple(np.shape(got[k])) != tuple(want[k].shape)]
-  if problems:
-    raise ValueError(f'The parameters in {source} do not fit the model config: '
-                     + '; '.join(problems[:20])
-                     + (f'; and {len(problems) - 20} more' if len(problems) > 20 else '')
-                     + '. Check model_config (sizes, moe.layers, num_experts, classifier).')
 
 
 def load_classifier(checkpoint: str, model_config: Any,
@@ -50,11 +33,8 @@ def load_classifier(checkpoint: str, model_config: Any,
     spec = models.resolve(model_config, image_size=size, overrides=overrides)
     spec.groups(images.shape[0])
     if size not in applies:
+      models.check_params(params, spec, where)
       model = models.build(spec)
-      shapes = jax.ShapeDtypeStruct(images.shape, np.float32)
-      expected = jax.eval_shape(
-          lambda x: model.init(jax.random.PRNGKey(0), x, train=False), shapes)['params']
-      check_params(params, expected, where)
       applies[size] = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
     return np.asarray(applies[size](params, images))
 

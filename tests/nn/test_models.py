@@ -160,3 +160,16 @@ def test_input_dependent_checks_before_tracing():
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((3, 8, 8, 3))))
   with pytest.raises(ValueError, match=r'resolved for \(8, 8\) images, got images of shape'):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((2, 4, 8, 3))))
+
+
+def test_check_params_lists_every_mismatch():
+  spec = models.resolve(_config(), image_size=(8, 8))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), models.param_shapes(spec))
+  models.check_params(params, spec, 'ckpt')
+  params['head']['kernel'] = np.zeros((16, 7), np.float32)
+  del params['cls']
+  params['extra'] = {'w': np.zeros(3)}
+  with pytest.raises(ValueError, match=r'The parameters in ckpt do not fit the model config: '
+                     r'missing cls \(1, 1, 16\); unexpected extra/w \(3,\); head/kernel has '
+                     r'shape \(16, 7\), the model needs \(16, 5\)'):
+    models.check_params(params, spec, 'ckpt')

@@ -36,7 +36,6 @@ def prepare(config, *, eval_set: Optional[str], spec: str, few_shot: bool
   """Everything the flags say, checked before anything compiles: the config, the eval
   set, every sweep variant, the datasets' metadata and their images (one example each)."""
   evals = [k for k in config.dataset if k != 'train']
-  eval_set = eval_set or (evals[0] if evals else None)
   if eval_set not in evals:
     raise ValueError(f'--eval_set={eval_set!r} is not an eval set of the config; '
                      f'valid: {evals}.')
@@ -93,10 +92,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              threshold: float = 0.5) -> str:
   """Checks everything, then writes the sweep / analysis / few-shot files -> out dir."""
   cli.check_single_process('vmoe.evaluate')
+  eval_set = eval_set or next((k for k in config.dataset if k != 'train'), None)
   run, variants = prepare(config, eval_set=eval_set, spec=spec, few_shot=few_shot)
-  eval_set = run.evals[0].name.split('.', 1)[1] if eval_set is None else eval_set
   out_dir = output_dir or os.path.join(workdir, 'eval')
   source, params = sources.load_params(checkpoint or workdir)
+  models.check_params(params, run.entry(f'dataset.{eval_set}').model, source)
   console.say(f'Evaluating {source} on {eval_set}; writing to {out_dir}.')
   if variants:
     rows = sweep.run(config, params, variants)

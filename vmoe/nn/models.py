@@ -15,7 +15,11 @@ import dataclasses
 import math
 from typing import Any, Literal, Mapping, Optional, Sequence
 
+from flax import traverse_util
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from vmoe.nn import precision
 from vmoe.nn import routers as routers_lib
@@ -79,6 +83,31 @@ def build_model(config: Any, image_size: Sequence[int], *,
   """The flax module of a model config for images of `image_size` (h, w): resolve, then
   build."""
   return build(resolve(config, image_size=image_size, overrides=overrides), moe_sharding)
+
+
+def param_shapes(spec: ModelSpec) -> Any:
+  """The params tree of a spec resolved for its image size (jax.ShapeDtypeStructs)."""
+  batch = max(1, spec.encoder.moe.group_size // spec.tokens_per_image
+              if spec.encoder.moe else 1)  # One MoE group of whole images.
+  images = jax.ShapeDtypeStruct((batch, *spec.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: build(spec).init(jax.random.PRNGKey(0), x), images)['params']
+
+
+def check_params(params: Mapping[str, Any], spec: ModelSpec, source: str):
+  """Raises one ValueError listing the missing, unexpected and mis-shaped parameters of
+  `params` (read from `source`) for the model of `spec`."""
+  got = traverse_util.flatten_dict(params, sep='/')
+  want = traverse_util.flatten_dict(param_shapes(spec), sep='/')
+  problems = [f'missing {k} {tuple(want[k].shape)}' for k in sorted(set(want) - set(got))]
+  problems += [f'unexpected {k} {tuple(np.shape(got[k]))}' for k in sorted(set(got) - set(want))]
+  problems += [f'{k} has shape {tuple(np.shape(got[k]))}, the model needs {tuple(want[k].shape)}'
+               for k in sorted(set(got) & set(want))
+               if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+  if problems:
+    raise ValueError(f'The parameters in {source} do not fit the model config: '
+                     + '; '.join(problems[:20])
+                     + (f'; and {len(problems) - 20} more' if len(problems) > 20 else '')
+                     + '. Check the model config (sizes, moe.layers, num_experts, classifier).')
 
 
 def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int]

@@ -123,6 +123,7 @@ def derive(config, workdir: str, num_experts: int, *, dataset: str | None = None
   source, params = sources.load_params(checkpoint or workdir)
   iterable = pipeline.make_eval_iterable(cfg)
   spec = models.resolve(config.model, image_size=iterable.shapes()['image'][1:3])
+  models.check_params(params, spec, source)
   forward = evaluator.Forward(models.build(spec))
   labels, predictions = [], []
   for batch, logits, _ in forward.batches(params, iterable):
