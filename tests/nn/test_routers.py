@@ -24,8 +24,13 @@ HARD = {
     'SinkhornTopExpertsPerItemRouter': {'num_selected_experts': 2},
     'SinkhornTopItemsPerExpertRouter': {},
     'SparseTransportTopItemsPerExpertRouter': {},
+    'KSparseTransportTopItemsPerExpertRouter': {},
+    'KSparseTransportTopExpertsPerItemRouter': {'num_selected_experts': 2},
     'PerImageRouter': {'num_selected_experts': 2},
 }
+# Sparse plans may leave a chosen slot empty (a pick outside the plan's support).
+SPARSE = ('SparseTransportTopItemsPerExpertRouter', 'KSparseTransportTopItemsPerExpertRouter',
+          'KSparseTransportTopExpertsPerItemRouter')
 
 
 def _layer(name, kind='einsum', shared=0, **router):
@@ -69,7 +74,7 @@ def test_hard_routers_respect_capacity(routed):
   assert slot.max() < capacity
   counts = (slot >= 0).sum(axis=1)  # [G, E] tokens per expert
   assert counts.max() <= capacity
-  if 'TopItems' in name:  # Expert choice fills exactly C slots per expert.
+  if 'TopItems' in name and name not in SPARSE:  # Expert choice fills all C slots.
     np.testing.assert_array_equal(counts, capacity)
   if 'TopExperts' in name or name == 'PerImageRouter':
     assert (slot >= 0).sum(axis=2).max() <= 2  # At most K experts per token.
@@ -190,6 +195,17 @@ BASE = {
     ({'encoder.moe.router.superclasses': [0, 1, 2, 3, 4, 5]}, r'Super-classes \[4, 5\]'),
     ({'encoder.moe.router.image_repr': 'max'}, "image_repr='max' is unknown"),
     ({'encoder.moe.shared_experts': -1}, 'shared_experts=-1'),
+    ({'encoder.moe.router.deterministic': 'yes'}, "deterministic='yes' must be None"),
+    ({'encoder.moe.router.dtype': 'int8'}, "dtype='int8' is unknown"),
+    ({'encoder.moe.router.z_loss_weight': -1}, 'z_loss_weight=-1 must be a number >= 0'),
+    ({'encoder.moe.router.name': 'NoisyTopExpertsPerItemRouter',
+      'encoder.moe.router.load_balancing': 'aux'}, "load_balancing='aux' is unknown"),
+    ({'encoder.moe.router': {'name': 'KLProjectionNoisyTopExpertsPerItemRouter',
+                             'maxiter': 0, 'dispatcher': {'capacity_factor': 1.0}}},
+     'maxiter=0'),
+    ({'encoder.moe.router.use_lbfgs': True}, r"Unknown key\(s\) \['use_lbfgs'\]"),
+    ({'encoder.moe.split_rngs': ['gating']}, "split_rngs=\\['gating'\\] must be True"),
+    ({'encoder.moe.dropout_rate': 1.5}, 'dropout_rate=1.5 must be a number in'),
 ])
 def test_bad_router_settings_fail_before_compilation(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -154,3 +154,22 @@ def test_adafactor_first_update_is_exact_for_rank_one_squares():
 def test_bad_optimizer_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optimizers.create_optimizer(total_steps=10, learning_rate=0.1, **kwargs)
+
+
+def test_balance_biases_step_by_their_pseudo_gradient_alone():
+  """Bias load balancing's biases: params -= grads, whatever the optimizer, learning
+  rate, weight decay and clipping; the other params are unaffected by their presence."""
+  params = make_params()
+  params['Encoder']['Moe']['Router'] = {'balance_bias': jnp.zeros(4)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads['Encoder']['Moe']['Router']['balance_bias'] = jnp.array([1e-3, -1e-3, 1e-3, 0.0])
+  kwargs = dict(name='adamw', total_steps=10, learning_rate=0.1, weight_decay=0.5,
+                gradient_clip={'global_norm': 0.01})
+  tx, _ = optimizers.create_optimizer(balance_biases=True, **kwargs)
+  new, _ = run(tx, params, grads, steps=2)
+  np.testing.assert_allclose(new['Encoder']['Moe']['Router']['balance_bias'],
+                             [-2e-3, 2e-3, -2e-3, 0.0], rtol=1e-6)
+  plain, _ = optimizers.create_optimizer(**kwargs)
+  want, _ = run(plain, make_params(), jax.tree.map(jnp.ones_like, make_params()), steps=2)
+  new['Encoder']['Moe'].pop('Router')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new, want)

@@ -128,22 +128,31 @@ def imagenet_datasets(batch_size: int, num_classes: int = 1000) -> ConfigDict:
 
 
 # Short names of the MoE variants the papers compare (e.g. `router=NAME` of
-# configs/digits.py): (router class, dispatcher options, MoE layer options).
-# layers='last': the same number of MoE layers, moved to the end of the encoder
+# configs/digits.py): (router class, router options, dispatcher options, MoE layer
+# options). layers='last': the same number of MoE layers, moved to the end of the encoder
 # (Mobile V-MoE routes images by what the dense blocks before them computed).
+NO_LOSSES = {'importance_loss_weight': 0.0, 'load_loss_weight': 0.0}
 ROUTER_VARIANTS = {
-    'dense': ('NoisyTopExpertsPerItemRouter', {}, {'layers': ()}),  # No MoE.
-    'top_k': ('NoisyTopExpertsPerItemRouter', {}, {}),  # V-MoE.
-    'top_k_bpr': ('NoisyTopExpertsPerItemRouter', {'batch_priority': True}, {}),
-    'expert_choice': ('NoisyTopItemsPerExpertRouter', {}, {}),
-    'sinkhorn_tc': ('SinkhornTopExpertsPerItemRouter', {}, {}),
-    'sinkhorn_ec': ('SinkhornTopItemsPerExpertRouter', {}, {}),
-    'sparse_ec': ('SparseTransportTopItemsPerExpertRouter', {}, {}),
-    'soft': ('SoftRouter', {}, {}),
-    'per_image': ('PerImageRouter', {}, {'layers': 'last'}),  # Mobile V-MoE.
+    'dense': ('NoisyTopExpertsPerItemRouter', {}, {}, {'layers': ()}),  # No MoE.
+    'top_k': ('NoisyTopExpertsPerItemRouter', {}, {}, {}),  # V-MoE.
+    'top_k_bpr': ('NoisyTopExpertsPerItemRouter', {}, {'batch_priority': True}, {}),
+    # Beyond the papers: ST-MoE's router z-loss; DeepSeek-V3's bias balancing instead of
+    # the auxiliary losses; and neither, the baseline both are measured against.
+    'top_k_zloss': ('NoisyTopExpertsPerItemRouter', {'z_loss_weight': 1e-3}, {}, {}),
+    'top_k_bias': ('NoisyTopExpertsPerItemRouter',
+                   {'load_balancing': 'bias', **NO_LOSSES}, {}, {}),
+    'top_k_unbalanced': ('NoisyTopExpertsPerItemRouter', NO_LOSSES, {}, {}),
+    'expert_choice': ('NoisyTopItemsPerExpertRouter', {}, {}, {}),
+    'sinkhorn_tc': ('SinkhornTopExpertsPerItemRouter', {}, {}, {}),
+    'sinkhorn_ec': ('SinkhornTopItemsPerExpertRouter', {}, {}, {}),
+    'sparse_ec': ('SparseTransportTopItemsPerExpertRouter', {}, {}, {}),
+    'ksparse_ec': ('KSparseTransportTopItemsPerExpertRouter', {}, {}, {}),
+    'ksparse_tc': ('KSparseTransportTopExpertsPerItemRouter', {}, {}, {}),
+    'soft': ('SoftRouter', {}, {}, {}),
+    'per_image': ('PerImageRouter', {}, {}, {'layers': 'last'}),  # Mobile V-MoE.
     # Needs moe_config(superclasses=PATH), from python -m vmoe.tools.superclasses.
-    'per_image_superclass': ('PerImageRouter', {}, {'layers': 'last'}),
-    'shared_expert': ('NoisyTopExpertsPerItemRouter', {}, {'shared_experts': 1}),
+    'per_image_superclass': ('PerImageRouter', {}, {}, {'layers': 'last'}),
+    'shared_expert': ('NoisyTopExpertsPerItemRouter', {}, {}, {'shared_experts': 1}),
 }
 
 
@@ -157,12 +166,19 @@ def router_config(name: str, *, num_selected_experts: int,
   of a group rather than from S * K choices; their capacity factor is scaled
   by K so that every router does the same expert compute.
   """
-  fields = set(routers.options(name))
+  defaults = routers.options(name)
+  fields = set(defaults)
   if 'num_selected_experts' not in fields:
     capacity_factor *= num_selected_experts
   dispatcher = dict(name='einsum', bfloat16=bfloat16)
   wanted = dict(num_selected_experts=num_selected_experts,
-                importance_loss_weight=0.005, load_loss_weight=0.005,
+                # The paper's 0.005 where the reference's default is 1 (its
+                # transport routers default to 0: they balance by their plan).
+                **{k: 0.005 for k in ('importance_loss_weight', 'load_loss_weight')
+                   if defaults.get(k)},
+                # Present, so that --config...z_loss_weight=W and
+                # --config...load_balancing=bias work from the command line.
+                z_loss_weight=0.0, load_balancing='losses', bias_update_rate=1e-3,
                 # A typed empty value, so that --config...superclasses=PATH works.
                 superclasses=config_dict.placeholder(str))
   if routers.ROUTERS[name].SLOTS == 'soft':  # Sizes its slots itself, adds no noise.
@@ -186,15 +202,17 @@ def moe_config(router: str, *, layers, num_layers: int, num_experts: int,
   """
   variant = router
   if router in ROUTER_VARIANTS:
-    router, dispatcher_options, moe_options = ROUTER_VARIANTS[router]
-  elif router in routers.ROUTERS:
-    dispatcher_options, moe_options = {}, {}
+    router, router_options, dispatcher_options, moe_options = ROUTER_VARIANTS[router]
+  elif routers.canonical(router) in routers.ROUTERS:
+    router = routers.canonical(router)
+    router_options, dispatcher_options, moe_options = {}, {}, {}
   else:
     raise ValueError(f'router={router!r} is unknown; valid: '
                      f'{sorted(ROUTER_VARIANTS)} or a router class of '
                      f'{sorted(routers.ROUTERS)}.')
   r = router_config(router, num_selected_experts=num_selected_experts,
                     capacity_factor=capacity_factor, bfloat16=bfloat16)
+  r.update(router_options)
   r.dispatcher.update(dispatcher_options)
   if variant == 'per_image_superclass':
     if not superclasses:
@@ -209,8 +227,11 @@ def moe_config(router: str, *, layers, num_layers: int, num_experts: int,
   moe_options = dict(moe_options)
   if moe_options.get('layers') == 'last':
     moe_options['layers'] = tuple(range(num_layers - len(tuple(layers)), num_layers))
+  # dropout_rate: the experts' dropout, None for the encoder's (typed, so that
+  # --config...moe.dropout_rate=0.1 works).
   moe = ConfigDict(dict(layers=tuple(layers), num_experts=num_experts,
-                        group_size=group_size, split_rngs=False, router=r))
+                        group_size=group_size, split_rngs=False, router=r,
+                        dropout_rate=config_dict.placeholder(float)))
   moe.update(moe_options)
   return moe
 

@@ -35,7 +35,7 @@ class ExpertDense(nn.Module):
   """
   features: int
   num_experts: int
-  split_rngs: bool
+  split_rngs: bool  # Experts start from different draws.
   compute_dtype: str = 'float32'
 
   @nn.compact
@@ -55,16 +55,19 @@ class ExpertMlp(nn.Module):
 
   __call__(x [G, E, C, D]) -> [G, E, C, D] (dispatch kinds 'einsum' and 'indices').
   __call__(x [N, D], group_sizes [E]) -> [N, D] (rows sorted by expert, kind 'ragged').
+  split_rngs: the rng streams drawn per expert, of 'params' (experts start different)
+  and 'dropout' (each expert's buffer its own mask; otherwise one [G*C, H] mask shared by
+  all experts, as the reference's vmap without split dropout).
   """
   mlp_dim: int
   num_experts: int
   dropout_rate: float = 0.0
-  split_rngs: bool = False
+  split_rngs: tuple[str, ...] = ()
   compute_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, group_sizes=None) -> Array:
-    dense = lambda n, name: ExpertDense(n, self.num_experts, self.split_rngs,
+    dense = lambda n, name: ExpertDense(n, self.num_experts, 'params' in self.split_rngs,
                                         self.compute_dtype, name=name)
     d = x.shape[-1]
     h = x
@@ -73,10 +76,13 @@ class ExpertMlp(nn.Module):
       # [E, G*C, D]: each expert's buffer is contiguous, the layout expert parallelism
       # shards on its leading axis.
       h = jnp.swapaxes(x, 0, 1).reshape(e, g * c, d)
+    # Ragged rows have no expert axis to share a mask over: each row draws its own.
+    shared = () if 'dropout' in self.split_rngs or group_sizes is not None else (0,)
+    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=shared, deterministic=not train)
     h = nn.gelu(dense(self.mlp_dim, 'Dense_0')(h, group_sizes))
-    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    h = dropout(h)
     h = dense(d, 'Dense_1')(h, group_sizes)
-    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    h = dropout(h)
     if group_sizes is None:
       h = jnp.swapaxes(h.reshape(e, g, c, d), 0, 1)
     return h

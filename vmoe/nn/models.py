@@ -26,7 +26,7 @@ from vmoe.nn import routers as routers_lib
 from vmoe.nn import routing
 from vmoe.nn import spec as spec_lib
 from vmoe.nn import vit
-from vmoe.nn.routers import per_image
+from vmoe.nn.routers import common, per_image, soft, softmax
 from vmoe.utils import checks
 from vmoe.utils import dotted
 
@@ -37,9 +37,17 @@ MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'cl
 ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
                 'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb',
                 'compute_dtype', 'scan', 'remat')
-MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts')
+MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts',
+            'dropout_rate')
+# Dispatcher options of the reference with no effect here: {option: why}.
+INERT_DISPATCHER = {
+    'partition_spec': routers_lib.INERT['partition_spec'],
+    'einsum_precision': 'one-hot dispatch is exact and combine sums run in float32 '
+                        '(vmoe/nn/precision.py), whatever precision it names',
+}
 DISPATCHER_KEYS = ('name', 'capacity', 'capacity_factor', 'capacity_ceil_or_round',
-                   'capacity_multiple_of', 'batch_priority', 'bfloat16')
+                   'capacity_multiple_of', 'batch_priority', 'bfloat16', *INERT_DISPATCHER)
+SPLIT_RNGS = ('dropout', 'params')
 ModelSpec = spec_lib.ModelSpec
 
 
@@ -77,11 +85,15 @@ def build(spec: ModelSpec, moe_sharding=None) -> nn.Module:
   return MODELS[spec.name](spec, moe_sharding=moe_sharding)
 
 
-def build_model(config: Any, image_size: Sequence[int], *,
+def build_model(config: Any, image_size: int | Sequence[int], *,
                 overrides: Optional[Mapping[str, Any]] = None, moe_sharding=None
                 ) -> nn.Module:
-  """The flax module of a model config for images of `image_size` (h, w): resolve, then
-  build."""
+  """The flax module of a model config (a dict or ConfigDict: `config.model` of a vmoe
+  config or of the reference's config files, as is) for images of `image_size` (h, w, or
+  one int for square images): resolve, then build. Its `spec` is the resolved ModelSpec;
+  module.apply({'params': p}, images [B, h, w, 3], train=False) -> (logits, metrics)."""
+  if checks.is_int(image_size):
+    image_size = (image_size, image_size)
   return build(resolve(config, image_size=image_size, overrides=overrides), moe_sharding)
 
 
@@ -165,31 +177,77 @@ def _moe(moe: Mapping[str, Any], num_classes: Optional[int]) -> spec_lib.MoeSpec
   shared = moe.get('shared_experts', 0)
   if not checks.is_int(shared) or shared < 0:
     raise ValueError(f'{where}.shared_experts={shared!r} must be an integer >= 0.')
+  rate = moe.get('dropout_rate')
+  if rate is not None and not (checks.is_number(rate) and 0 <= rate < 1):
+    raise ValueError(f'{where}.dropout_rate={rate!r} must be a number in [0, 1) (the '
+                     "experts' dropout), or None for the encoder's.")
   router = dict(moe.get('router') or {})
-  name = checks.one_of(router.pop('name', 'NoisyTopExpertsPerItemRouter'),
-                       sorted(routers_lib.ROUTERS), f'{where}.router.name')
-  where = f'{where}.router'
+  name = router.pop('name', 'NoisyTopExpertsPerItemRouter')
+  name = checks.one_of(routers_lib.canonical(name), sorted(routers_lib.ROUTERS),
+                       f'{where}.router.name', hint=f' (or one of the reference\'s names '
+                       f'{sorted(routers_lib.ALIASES)})' if isinstance(name, str) else '')
   cls = routers_lib.ROUTERS[name]
   disp = dict(router.pop('dispatcher', None) or {})
-  sizing_keys = getattr(cls, 'SIZING_KEYS', ())
-  sizing = {k: router.pop(k) for k in sizing_keys if k in router}
+  sizing = {k: router.pop(k) for k in getattr(cls, 'SIZING_KEYS', ()) if k in router}
+  options, inert = _router_options(name, router, num_classes, e, f'{where}.router')
+  inert += [f'{where}.router.dispatcher.{k}: {why}' for k, why in INERT_DISPATCHER.items()
+            if k in disp]
+  k = options.get('num_selected_experts', 1)
+  kind, rule = _dispatch(cls, disp, sizing, e, k, f'{where}.router.dispatcher')
+  return spec_lib.MoeSpec(
+      num_experts=e, group_size=s, router=name, options=tuple(sorted(options.items())),
+      # The reference's Soft MoE always moves tokens in bfloat16.
+      dispatch=kind, bfloat16=bool(disp.get('bfloat16', cls.SLOTS == 'soft')),
+      batch_priority=bool(disp.get('batch_priority', False)), capacity_rule=rule,
+      split_rngs=_split_rngs(moe.get('split_rngs', False), f'{where}.split_rngs'),
+      dropout_rate=rate, inert=tuple(inert), shared_experts=shared)
+
+
+def _router_options(name: str, router: dict, num_classes: Optional[int], e: int,
+                    where: str) -> tuple[dict[str, Any], list[str]]:
+  """(options of router `name` with defaults filled in, notes on the inert ones)."""
+  inert_keys = routers_lib.INERT_OPTIONS.get(name, ())
   defaults = routers_lib.options(name)
-  checks.check_keys(router, ('name', 'dispatcher', *sizing_keys, *defaults), where)
-  options = {**defaults, **router}
+  checks.check_keys(router, (*defaults, *inert_keys), where)
+  inert = [f'{where}.{k}: {routers_lib.INERT[k]}' for k in inert_keys if k in router]
+  options = {**defaults, **{k: v for k, v in router.items() if k not in inert_keys}}
   k = options.get('num_selected_experts', 1)
   if not checks.is_int(k) or not 1 <= k <= e:
     raise ValueError(f'{where}.num_selected_experts={k!r} must be in [1, num_experts={e}]; '
                      'lower it or add experts.')
+  for key in ('noise_std', 'z_loss_weight', 'importance_loss_weight', 'load_loss_weight',
+              'gshard_loss_weight', 'superclass_loss_weight'):
+    if key in options and not (checks.is_number(options[key]) and options[key] >= 0):
+      raise ValueError(f'{where}.{key}={options[key]!r} must be a number >= 0.')
+  for key in ('epsilon', 'l2_reg', 'adam_lr', 'bias_update_rate'):
+    if key in options and not (checks.is_number(options[key]) and options[key] > 0):
+      raise ValueError(f'{where}.{key}={options[key]!r} must be a number > 0.')
+  if 'maxiter' in options:
+    checks.positive_int(options['maxiter'], f'{where}.maxiter')
+  if options['deterministic'] not in (None, True, False):
+    raise ValueError(f'{where}.deterministic={options["deterministic"]!r} must be None '
+                     '(noise in training only), True (never) or False (also at evaluation).')
+  checks.one_of(options['dtype'], common.DTYPES, f'{where}.dtype')
+  checks.one_of(options.get('load_balancing', 'losses'), softmax.LOAD_BALANCING,
+                f'{where}.load_balancing')
+  checks.one_of(options.get('precision'), soft.PRECISIONS, f'{where}.precision')
   checks.one_of(options.get('image_repr', 'mean'), per_image.IMAGE_REPRS, f'{where}.image_repr')
   if options.get('superclasses') is not None:
     options['superclasses'] = per_image.load_superclasses(options['superclasses'],
                                                           num_classes, e)
-  kind, rule = _dispatch(cls, disp, sizing, e, k, f'{where}.dispatcher')
-  return spec_lib.MoeSpec(
-      num_experts=e, group_size=s, router=name, options=tuple(sorted(options.items())),
-      dispatch=kind, bfloat16=bool(disp.get('bfloat16', False)),
-      batch_priority=bool(disp.get('batch_priority', False)), capacity_rule=rule,
-      split_rngs=bool(moe.get('split_rngs', False)), shared_experts=shared)
+  return options, inert
+
+
+def _split_rngs(value, where: str) -> tuple[str, ...]:
+  """The rng streams drawn per expert: True (all), False (none) or their names."""
+  if isinstance(value, bool):
+    return SPLIT_RNGS if value else ()
+  names = tuple(k for k, v in value.items() if v) if isinstance(value, Mapping) else value
+  if (not isinstance(names, (list, tuple, set, frozenset))
+      or not set(names) <= set(SPLIT_RNGS)):
+    raise ValueError(f'{where}={value!r} must be True, False, or some of {SPLIT_RNGS} (a '
+                     'list, or a dict of booleans).')
+  return tuple(sorted(names))
 
 
 def _dispatch(cls, disp: dict, sizing: dict, e: int, k: int, where: str
@@ -202,7 +260,7 @@ def _dispatch(cls, disp: dict, sizing: dict, e: int, k: int, where: str
     if kind != 'einsum':
       raise ValueError(f"{where}.name={kind!r}: Soft MoE mixes every token into every "
                        "slot, so only 'einsum' dispatch applies.")
-    extra = sorted(set(disp) - {'name', 'bfloat16'})
+    extra = sorted(set(disp) - {'name', 'bfloat16', *INERT_DISPATCHER})
     if extra:
       raise ValueError(f'{where} keys {extra} do not apply to SoftRouter; size its slots '
                        f'with {router}.num_slots or {router}.capacity_factor.')

@@ -27,11 +27,19 @@ Array = jax.Array
 P = jax.sharding.PartitionSpec
 # Params of the experts, stacked on a leading E axis ([L, E, ...] when scanned).
 EXPERT_PARAMS = r'(^|/)Moe/Mlp/'
+# The per-expert biases of bias load balancing: not trained by the loss, moved by their
+# pseudo-gradient (vmoe.nn.routers.softmax, vmoe.train.optimizers).
+BALANCE_PARAMS = r'(^|/)Moe/Router/balance_bias$'
 
 
 def is_expert_param(name: str) -> bool:
   """name: a '/'-joined param (or optimizer-state) path."""
   return bool(re.search(EXPERT_PARAMS, name))
+
+
+def is_balance_param(name: str) -> bool:
+  """name: a '/'-joined param path."""
+  return bool(re.search(BALANCE_PARAMS, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +82,8 @@ class MoeLayer(nn.Module):
     spec: the resolved MoE layer (vmoe/nn/spec.py): router, dispatch kind, group size S
       (all tokens [B, T] are split into B*T/S groups that are routed independently),
       capacity, shared experts, ...
-    mlp_dim, dropout_rate: the experts' hidden width and dropout (the encoder's).
+    mlp_dim, dropout_rate: the experts' hidden width and dropout (spec.dropout_rate, or
+      the encoder's).
     compute_dtype: matmul precision of the experts (vmoe/nn/precision.py): 'float32' or
       'bfloat16' (bf16 inputs, float32 accumulation); the router stays float32.
     sharding: the device mesh's axes for the groups and the experts, or None (no

@@ -11,8 +11,11 @@ Routers with a fixed number K of choices per token also give the token-major for
 `DenseRouting` holds the soft dispatch/combine tensors of Soft MoE.
 
 A dispatcher moves the tokens of a group to the experts' inputs and their outputs back
-for one routing decision. The MoE layer picks it once from the resolved dispatch kind
-(DISPATCHERS[kind](routing, S)); all compute the same function of the same decisions:
+for one routing decision. Combine weights keep their dtype (float32) and so does the
+weighted sum: with bfloat16 dispatch only the tokens and the expert outputs are rounded,
+as in the reference's Bfloat16Dispatcher. The MoE layer picks the dispatcher once from
+the resolved dispatch kind (DISPATCHERS[kind](routing, S)); all compute the same function
+of the same decisions:
 - 'einsum' (`OneHot`): one-hot matmuls, as the reference: dispatch [G, E*C, S] x
   [G, S, D], combine [G, S, E*C] x [G, E*C, D]. O(S^2) FLOPs and memory per group (at 1568
   tokens about a third of the experts' FLOPs, docs/performance.md).
@@ -138,15 +141,16 @@ class OneHot(_Buffers):
     return y.astype(x.dtype).reshape(g, e, c, d)
 
   def combine(self, y: Array) -> Array:
-    """y: [G, E, C, D] expert outputs -> [G, S, D] weighted by the combine weights."""
+    """y: [G, E, C, D] expert outputs -> [G, S, D] weighted by the combine weights, in
+    the weights' dtype (float32 for bfloat16 outputs, as the reference)."""
     g, e, c, d = y.shape
-    w = self.routing.slot_weight.astype(y.dtype)
+    w = self.routing.slot_weight
     # Weights go on the slots, not into the one-hot: their gradient is then a dot product
     # per slot instead of one more [G, S, E*C] matmul in the backward pass.
     onehot = (self.routing.slot_token.reshape(g, 1, e * c)
               == jnp.arange(self.num_tokens)[:, None])
     wy = y.reshape(g, e * c, d) * w.reshape(g, e * c, 1)
-    return precision.dot(onehot.astype(y.dtype), wy, _precision_of(y)).astype(y.dtype)
+    return precision.dot(onehot.astype(wy.dtype), wy, _precision_of(wy)).astype(wy.dtype)
 
 
 class Gather(_Buffers):
@@ -164,8 +168,8 @@ class Gather(_Buffers):
     if r.token_slot is not None:
       # K choices per token: gather them and sum, no scatter needed.
       yk = jax.vmap(_take)(y, r.token_slot)  # [G, S, K, D]
-      return jnp.einsum('gskd,gsk->gsd', yk, r.token_weight.astype(y.dtype))
-    w = r.slot_weight.astype(y.dtype)
+      return jnp.einsum('gskd,gsk->gsd', yk, r.token_weight)
+    w = r.slot_weight
     seg = lambda yg, tg: jax.ops.segment_sum(yg, tg, num_segments=self.num_tokens)
     return jax.vmap(seg)(y * w.reshape(g, e * c, 1), r.slot_token.reshape(g, e * c))
 
@@ -187,26 +191,26 @@ class Ragged:
     """y: [N, D] expert outputs per row -> [G, S, D] weighted by the combine weights."""
     # Row N (dropped) is out of range: a zero row. Rows past the groups are never read.
     yk = _take(y, self.rows.token_row)  # [G, S, K, D]
-    return jnp.einsum('gskd,gsk->gsd', yk, self.rows.token_weight.astype(y.dtype))
+    return jnp.einsum('gskd,gsk->gsd', yk, self.rows.token_weight)
 
 
 class Soft(_Buffers):
   """'soft': every slot [G, E, P, D] a weighted sum of the group's tokens, every output a
-  weighted sum of the slots (DenseRouting)."""
+  weighted sum of the slots (DenseRouting), in the weights' dtype."""
 
   def dispatch(self, x: Array) -> Array:
-    return jnp.einsum('gsep,gsd->gepd', self.routing.dispatch_weights.astype(x.dtype), x)
+    return jnp.einsum('gsep,gsd->gepd', self.routing.dispatch_weights, x)
 
   def combine(self, y: Array) -> Array:
-    return jnp.einsum('gsep,gepd->gsd', self.routing.combine_weights.astype(y.dtype), y)
+    return jnp.einsum('gsep,gepd->gsd', self.routing.combine_weights, y)
 
 
 DISPATCHERS = {'einsum': OneHot, 'indices': Gather, 'ragged': Ragged, 'soft': Soft}
 
 
 def top_experts_per_item(gates: Array, num_selected_experts: int, capacity: int,
-                         batch_priority: bool, weights: Optional[Array] = None
-                         ) -> SparseRouting:
+                         batch_priority: bool, weights: Optional[Array] = None,
+                         drop_zero: bool = False) -> SparseRouting:
   """Token choice: each token picks its top-K experts; slots go first come first served.
 
   gates: [G, S, E] scores that choose the experts; also the combine weights (not
@@ -214,13 +218,15 @@ def top_experts_per_item(gates: Array, num_selected_experts: int, capacity: int,
     softmax gates weigh).
   All tokens' 1st choices are placed before any 2nd choice (K-major); within a tier
   tokens go in order, or by decreasing top-1 score with batch_priority (BPR).
+  drop_zero: a choice of score <= 0 (outside a sparse plan's support) keeps its place in
+    the buffer order but is not dispatched: its slot stays empty (the reference's).
   """
   weights = gates if weights is None else weights
   return jax.vmap(lambda g, w: _top_experts_per_item(
-      g, w, num_selected_experts, capacity, batch_priority))(gates, weights)
+      g, w, num_selected_experts, capacity, batch_priority, drop_zero))(gates, weights)
 
 
-def _top_experts_per_item(gates, weights, k, capacity, batch_priority):
+def _top_experts_per_item(gates, weights, k, capacity, batch_priority, drop_zero):
   """gates, weights: [S, E] -> SparseRouting of one group (no G axis)."""
   s, e = gates.shape
   score, expert = jax.lax.top_k(gates, k)  # [S, K]
@@ -233,24 +239,31 @@ def _top_experts_per_item(gates, weights, k, capacity, batch_priority):
   pos = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=-1) - 1
   slot = jnp.zeros((s, k), jnp.int32).at[order].set(pos.reshape(k, s).T)
   kept = slot < capacity
+  if drop_zero:
+    kept &= score > 0
   token_slot = jnp.where(kept, expert * capacity + slot, e * capacity)
   token_weight = jnp.where(kept, weight, 0)
   tokens = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k))
   slot_token = jnp.full((e * capacity,), s, jnp.int32).at[token_slot].set(tokens, mode='drop')
-  slot_weight = jnp.zeros((e * capacity,), gates.dtype).at[token_slot].set(
+  slot_weight = jnp.zeros((e * capacity,), weights.dtype).at[token_slot].set(
       token_weight, mode='drop')
   return SparseRouting(slot_token.reshape(e, capacity), slot_weight.reshape(e, capacity),
                        token_slot.astype(jnp.int32), token_weight)
 
 
-def top_items_per_expert(gates: Array, capacity: int, weights: Optional[Array] = None
-                         ) -> SparseRouting:
+def top_items_per_expert(gates: Array, capacity: int, weights: Optional[Array] = None,
+                         drop_zero: bool = False) -> SparseRouting:
   """Expert choice: each expert takes the `capacity` tokens with the largest gates.
 
   gates: [G, S, E] scores; combine weight = the gate, or `weights` [G, S, E] if given.
-  A token may be taken by 0..E experts.
+  A token may be taken by 0..E experts. drop_zero: a pick of score <= 0 (outside a
+  sparse plan's support) leaves its slot empty (the reference's).
   """
-  weight, token = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)  # [G, E, C]
+  score, token = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)  # [G, E, C]
+  weight = score
   if weights is not None:
     weight = jnp.take_along_axis(jnp.swapaxes(weights, 1, 2), token, axis=2)
+  if drop_zero:
+    token = jnp.where(score > 0, token, gates.shape[1])
+    weight = jnp.where(score > 0, weight, 0)
   return SparseRouting(token.astype(jnp.int32), weight)

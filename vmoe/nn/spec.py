@@ -31,9 +31,13 @@ class MoeSpec:
   in (e.g. (('num_selected_experts', 2), ('noise_std', 1.0), ...); a super-class file is
   resolved to its class -> super-class table). dispatch: 'einsum' | 'indices' | 'ragged' |
   'soft' (vmoe.nn.routing.DISPATCHERS). bfloat16: tokens and expert outputs move through
-  dispatch and combine in bfloat16. tokens_per_image (T) and capacity (C slots per expert:
-  tokens, images for per-image routing, mixed slots for Soft MoE) are set once the image
-  size is known.
+  dispatch and combine in bfloat16 (weights and sums stay float32). split_rngs: the rng
+  streams drawn per expert ('params': experts start different; 'dropout': independent
+  masks), the others shared by all experts. dropout_rate: the experts' dropout (None: the
+  encoder's). inert: the accepted options that have no effect here, as 'key: why'
+  (vmoe.nn.routers.INERT), for the start-up log. tokens_per_image (T) and capacity (C
+  slots per expert: tokens, images for per-image routing, mixed slots for Soft MoE) are
+  set once the image size is known.
   """
   num_experts: int
   group_size: int
@@ -43,7 +47,9 @@ class MoeSpec:
   bfloat16: bool
   batch_priority: bool
   capacity_rule: CapacityRule
-  split_rngs: bool = False
+  split_rngs: tuple[str, ...] = ()
+  dropout_rate: Optional[float] = None
+  inert: tuple[str, ...] = ()
   shared_experts: int = 0
   tokens_per_image: Optional[int] = None
   capacity: Optional[int] = None
@@ -55,6 +61,11 @@ class MoeSpec:
   def num_selected_experts(self) -> int:
     """K: experts per token (per image with per-image routing); 1 for routers without K."""
     return dict(self.options).get('num_selected_experts', 1)
+
+  @property
+  def bias_balancing(self) -> bool:
+    """The router balances the load with a per-expert bias (load_balancing='bias')."""
+    return dict(self.options).get('load_balancing') == 'bias'
 
   @property
   def superclasses(self) -> Optional[tuple[int, ...]]:

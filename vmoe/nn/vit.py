@@ -68,7 +68,8 @@ class EncoderBlock(nn.Module):
     if self.moe is None:
       return x + MlpBlock(spec.mlp_dim, spec.dropout_rate, spec.compute_dtype,
                           name='Mlp')(y, train=train), None
-    y, metrics = moe_lib.MoeLayer(self.moe, spec.mlp_dim, spec.dropout_rate,
+    rate = spec.dropout_rate if self.moe.dropout_rate is None else self.moe.dropout_rate
+    y, metrics = moe_lib.MoeLayer(self.moe, spec.mlp_dim, rate,
                                   spec.compute_dtype, self.moe_sharding, name='Moe')(
                                       y, train=train, labels=labels)
     return x + y, metrics
@@ -191,9 +192,11 @@ class _AddPositionEmbs(nn.Module):
 
 
 class MapHead(nn.Module):
-  """Multihead attention pooling with a learned probe (big_vision's MAP head)."""
+  """Multihead attention pooling with a learned probe (big_vision's MAP head); qk_norm:
+  LayerNorm on its queries and keys (the encoder's attention_qk_norm, as the reference)."""
   num_heads: int
   mlp_dim: int
+  qk_norm: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -202,7 +205,7 @@ class MapHead(nn.Module):
     probe = jnp.tile(probe, (x.shape[0], 1, 1))
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        name='MultiHeadDotProductAttention')(probe, x)
+        normalize_qk=self.qk_norm, name='MultiHeadDotProductAttention')(probe, x)
     y = MlpBlock(self.mlp_dim, name='Mlp')(nn.LayerNorm(name='LayerNorm')(x), train=False)
     return (x + y)[:, 0]
 
@@ -243,7 +246,8 @@ class VisionTransformerMoe(nn.Module):
     elif spec.classifier == 'gap':
       x = jnp.mean(x, axis=1)
     else:  # 'map'
-      x = MapHead(spec.encoder.num_heads, spec.encoder.mlp_dim, name='MapHead')(x)
+      x = MapHead(spec.encoder.num_heads, spec.encoder.mlp_dim,
+                  spec.encoder.attention_qk_norm, name='MapHead')(x)
     if spec.representation_size is not None:
       x = jnp.tanh(nn.Dense(spec.representation_size, name='pre_logits')(x))
     # The representation, for few-shot probes of this model (vmoe.train.fewshot).

@@ -6,6 +6,9 @@
     optimizer.weight_decay: float (all params) | [(regex, wd), ...] (first match
         wins, unmatched params are not decayed)
     optimizer.frozen_pattern: regex | [regex, ...]: these params never change
+Bias load balancing's per-expert biases (vmoe.nn.moe.BALANCE_PARAMS) are not optimised:
+they move by their pseudo-gradient as it is (plain descent: no learning rate, momentum,
+weight decay or clipping), unless frozen.
     optimizer.<other keys>: kwargs of the named scaling (b1, b2, momentum, ...)
 
 The update is  -lr(step) * (scale(clip(g)) + wd * param): weight decay is
@@ -16,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import optax
+from vmoe.nn import moe
 from vmoe.train import adafactor
 from vmoe.train import schedules
 from vmoe.utils import checks
@@ -71,9 +75,10 @@ def add_decayed_weights(weight_decay) -> optax.GradientTransformation:
   return optax.chain(*ops) if ops else optax.identity()
 
 
-def frozen_labels(params, frozen_pattern) -> Any:
-  """'frozen' | 'trainable' for each param leaf."""
+def param_labels(params, frozen_pattern) -> Any:
+  """'frozen' | 'balance' (bias load balancing) | 'trainable' for each param leaf."""
   rules = [(p, 'frozen') for p in paths.patterns(frozen_pattern)]
+  rules.append((moe.BALANCE_PARAMS, 'balance'))
   return paths.map_with_paths(lambda path, _: paths.first_match(rules, path, 'trainable'),
                               params)
 
@@ -109,9 +114,11 @@ def create_optimizer(
     gradient_clip: Mapping[str, Any] | None = None,
     weight_decay: float | Sequence[tuple[str, float]] | None = None,
     frozen_pattern: str | Sequence[str] | None = None,
+    balance_biases: bool = False,
     **kwargs,
 ) -> tuple[optax.GradientTransformation, schedules.Schedule]:
-  """Returns the optimizer and its learning-rate schedule (for logging)."""
+  """Returns the optimizer and its learning-rate schedule (for logging). balance_biases:
+  the model has bias load balancing (vmoe.nn.spec.MoeSpec.bias_balancing)."""
   check_config(dict(name=name, learning_rate=learning_rate,
                     gradient_clip=gradient_clip, weight_decay=weight_decay,
                     frozen_pattern=frozen_pattern, **kwargs))
@@ -123,10 +130,11 @@ def create_optimizer(
       add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(schedule),
   )
-  if paths.patterns(frozen_pattern):
-    # Frozen params get zero updates and no optimizer state at all; the global
-    # norm for clipping is over the trainable params only.
+  if paths.patterns(frozen_pattern) or balance_biases:
+    # Frozen params get zero updates and no optimizer state at all; balance biases step
+    # by their pseudo-gradient; the global norm for clipping is over the trainable
+    # params only.
     tx = optax.multi_transform(
-        {'trainable': tx, 'frozen': optax.set_to_zero()},
-        lambda params: frozen_labels(params, frozen_pattern))
+        {'trainable': tx, 'frozen': optax.set_to_zero(), 'balance': optax.scale(-1.0)},
+        lambda params: param_labels(params, frozen_pattern))
   return tx, schedule

@@ -61,7 +61,10 @@ def parts(run: config_lib.Run) -> Parts:
   """The model, optimizer and state of a run resolved with_inputs."""
   train = run.entry('dataset.train')
   model = models.build(train.model)
-  tx, schedule = optimizers.create_optimizer(**run.optimizer, total_steps=run.train_steps)
+  moe = run.model.encoder.moe
+  tx, schedule = optimizers.create_optimizer(
+      **run.optimizer, total_steps=run.train_steps,
+      balance_biases=bool(moe and run.model.encoder.moe_layers and moe.bias_balancing))
   init_fn = train_state_lib.make_init_fn(
       model, tx, image_shape=(train.images_per_device,) + train.image_shape, seed=run.seed)
   return Parts(run, model, tx, schedule, init_fn, jax.eval_shape(init_fn))
@@ -215,6 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   run = config_lib.resolve(config, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
+  for note in run.model.encoder.moe.inert if run.model.encoder.moe else ():
+    logging.warning('Accepted with no effect: %s.', note)
   ckpt = checkpoints.TrainCheckpointer(  # Fails here if WORKDIR is not writable.
       workdir, every_steps=run.get('save_checkpoint.every_steps'),
       keep_last=run.get('save_checkpoint.keep_last', 1),
@@ -255,7 +260,7 @@ def train(program: Program, state: TrainState, ckpt: checkpoints.TrainCheckpoint
               f'(from step {init_step}).')
   batches = inputs.train_batches(program.batch_sharding)
   periodic = lambda every, step: bool(every) and step % every == 0 and step != steps
-  metrics = None
+  metrics, means = None, {}
   with jax.set_mesh(program.mesh), preemption.SigtermFlag() as sigterm:
     for step in range(init_step + 1, steps + 1):
       state, metrics = program.train_step(state, next(batches))
@@ -288,16 +293,17 @@ def train(program: Program, state: TrainState, ckpt: checkpoints.TrainCheckpoint
         return None
     progress.close()
     if window:  # E.g. a resumed run of a single step never triggers a report.
-      writer.write_scalars(steps, {f'train/{k}': v for k, v in
-                                   window.pop(last=metrics).items()})
+      means = window.pop(last=metrics)
+      writer.write_scalars(steps, {f'train/{k}': v for k, v in means.items()})
     seconds_per_step = timer.seconds_per_step(state)
     results = evals.splits(steps, state.params)
     few = evals.fewshot(steps, state.params)
   ckpt.close()
   writer.close()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  # 'train': the train metrics of the last report window (e.g. the experts' loads).
   report_final(workdir, steps, results, num_params=num_params,
-               train_seconds_per_step=seconds_per_step,
+               train_seconds_per_step=seconds_per_step, train=means,
                **({'fewshot': few} if few is not None else {}))
   return results
 
@@ -315,7 +321,8 @@ def _summary(program: Program, state: TrainState) -> str:
 
 def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
   """Prints one line per eval split and writes WORKDIR/final_metrics.json:
-  {split: {'prec@1', 'loss', 'num_examples'}, 'step': ..., **info}."""
+  {split: {'prec@1', 'loss', 'num_examples'}, 'step': ..., **info} (info: num_params,
+  train_seconds_per_step, train: the last report's train metrics, fewshot)."""
   for name, r in results.items():
     console.say(f'Final {name}: prec@1={r["prec@1"]:.4f} loss={r["loss"]:.4f} '
                 f'({r["num_examples"]} examples, step {step})')

@@ -1,10 +1,68 @@
-"""What every router shares: auxiliary losses and load metrics."""
+"""What every router shares: the gating layer, its noise, auxiliary losses, load metrics."""
+from typing import Optional
+import zlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vmoe.nn import routing as routing_lib
 
 Array = jax.Array
+DTYPES = (None, 'float32', 'bfloat16', 'float16')
+
+
+class Router(nn.Module):
+  """Attributes every router has (vmoe.nn.models resolves the first two).
+
+  num_experts: E; capacity: slots per expert.
+  noise_std: gating noise N(0, (noise_std / E)^2) on the logits, where the router uses it.
+  deterministic: None (the reference's default: noise in training only), True (never
+    noise) or False (noise at evaluation too; without a 'gating' rng stream, as in
+    evaluation, the noise comes from a fixed key, so evaluation stays reproducible).
+  dtype: the gating layer's computation dtype (None: the input's), as the reference.
+  z_loss_weight: weight of the router z-loss (ST-MoE, arXiv 2202.08906), mean over tokens
+    of logsumexp(logits)^2; it keeps the logits small. 0 (the default) leaves it out.
+  """
+  num_experts: int
+  capacity: int
+  noise_std: float = 1.0
+  deterministic: Optional[bool] = None
+  dtype: Optional[str] = None
+  z_loss_weight: float = 0.0
+
+  @nn.nowrap
+  def gating_logits(self, x: Array) -> Array:
+    """x: [G, S, D] -> logits [G, S, E] of the gating layer `dense` (sown)."""
+    logits = nn.Dense(self.num_experts, use_bias=False, dtype=self.dtype,
+                      name='dense')(x)
+    self.sow('intermediates', 'logits', logits)
+    return logits
+
+  @nn.nowrap
+  def noisy(self, train: bool) -> bool:
+    """Whether gating noise applies in this call."""
+    on = train if self.deterministic is None else not self.deterministic
+    return on and self.noise_std > 0
+
+  @nn.nowrap
+  def noise(self, shape, std: float) -> Array:
+    """N(0, std^2) of `shape` from the 'gating' stream; without one (evaluation), from a
+    key fixed per layer (its module path)."""
+    key = (self.make_rng('gating') if self.has_rng('gating') else jax.random.key(
+        zlib.crc32('/'.join(self.path).encode())))
+    return std * jax.random.normal(key, shape)
+
+  @nn.nowrap
+  def with_z_loss(self, metrics: dict, logits: Array, axis=-1) -> dict:
+    """metrics with 'z_loss' [G] of `logits` [G, S, ...] (softmax over `axis`) and, if
+    z_loss_weight > 0, its weighted value added to 'auxiliary_loss'."""
+    z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=axis)
+    metrics['z_loss'] = jnp.mean(jnp.square(z).reshape(z.shape[0], -1), axis=1)
+    if self.z_loss_weight > 0:
+      metrics['auxiliary_loss'] = (metrics['auxiliary_loss']
+                                   + self.z_loss_weight * metrics['z_loss'])
+    return metrics
 
 
 def _cv_squared(v: Array) -> Array:

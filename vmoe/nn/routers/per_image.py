@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vmoe.nn import routing as routing_lib
-from vmoe.nn.routers.common import importance_loss, load_loss
+from vmoe.nn.routers.common import Router, importance_loss, load_loss
 
 Array = jax.Array
 IMAGE_REPRS = ('mean', 'token')
@@ -60,7 +60,7 @@ def expand_to_tokens(r: routing_lib.SparseRouting, t: int) -> routing_lib.Sparse
       token_slot.reshape(g, s_img * t, k), token_weight.reshape(g, s_img * t, k))
 
 
-class PerImageRouter(nn.Module):
+class PerImageRouter(Router, kw_only=True):
   """K experts per image. labels (int [B]) are needed in training with superclasses.
 
   capacity: C_img image slots per expert, filled by the n x K choices of the n = S / T
@@ -68,12 +68,9 @@ class PerImageRouter(nn.Module):
   super-class table (the config's file or list, resolved by vmoe.nn.models), or None.
   """
   SLOTS = 'images'
-  num_experts: int
-  capacity: int
   tokens_per_image: int
   batch_priority: bool = False
   num_selected_experts: int = 1
-  noise_std: float = 1.0
   image_repr: str = 'mean'
   importance_loss_weight: float = 0.005
   load_loss_weight: float = 0.005
@@ -88,18 +85,16 @@ class PerImageRouter(nn.Module):
     n = s // t
     xi = x.reshape(g, n, t, d)
     xi = jnp.mean(xi, axis=2) if self.image_repr == 'mean' else xi[:, :, 0]
-    logits = nn.Dense(e, use_bias=False, name='dense')(xi)  # [G, n, E]
-    self.sow('intermediates', 'logits', logits)
+    logits = self.gating_logits(xi)  # [G, n, E]
     gates_clean = jax.nn.softmax(logits)
     gates, metrics = gates_clean, {}
-    if train and self.noise_std > 0:
-      noisy = logits + (self.noise_std / e) * jax.random.normal(self.make_rng('gating'),
-                                                                logits.shape)
+    if self.noisy(train):
+      noisy = logits + self.noise(logits.shape, self.noise_std / e)
       gates = jax.nn.softmax(noisy)
       metrics['load_loss'] = load_loss(logits, noisy, self.noise_std / e, k)
     metrics['importance_loss'] = importance_loss(gates_clean)
     if self.superclasses is not None:
-      aux = jnp.zeros((g,), x.dtype)
+      aux = jnp.zeros((g,), jnp.float32)
       if labels is not None:
         table = jnp.asarray(self.superclasses)
         target = jax.nn.one_hot(table[labels.reshape(g, n)], e)
@@ -114,4 +109,4 @@ class PerImageRouter(nn.Module):
         aux = aux + self.load_loss_weight * metrics['load_loss']
     metrics['auxiliary_loss'] = aux
     routing = routing_lib.top_experts_per_item(gates, k, self.capacity, self.batch_priority)
-    return expand_to_tokens(routing, t), metrics
+    return expand_to_tokens(routing, t), self.with_z_loss(metrics, logits)
