@@ -24,9 +24,11 @@ every N steps with --config.fewshot.every_steps=N) are added to the metrics.
 
 Argument (configs/digits.py:key=value,...): router=NAME, a short name of
 vmoe.configs.common.ROUTER_VARIANTS (top_k (default, V-MoE), top_k_bpr,
-expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec, soft, per_image,
-per_image_superclass, shared_expert, or dense for a plain ViT) or a router
-class of vmoe.nn.routers.ROUTERS; num_experts=8; k=2 (experts per token;
+top_k_zloss (router z-loss 1e-3), top_k_bias (bias balancing, no balancing losses),
+top_k_unbalanced (neither), expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec,
+ksparse_ec, ksparse_tc, soft, per_image, per_image_superclass, shared_expert, or dense
+for a plain ViT) or a router class of vmoe.nn.routers.ROUTERS (or the reference's name of
+one); num_experts=8; k=2 (experts per token;
 routers without that option get capacity factor times k instead);
 capacity_factor=1.05; mixup=0.2 (its concentration; 0: no mixup); fewshot=True
 (False: no few-shot probes, e.g. for multi-process runs); superclasses=PATH for
@@ -38,7 +40,9 @@ configs/digits_superclasses.json, made from the dense model with
 which groups 4, 7 and 8 and gives every other digit its own expert). The
 per-image variants put their 2 MoE layers last (blocks 2 and 3), as Mobile
 V-MoE does. Any key can also be overridden with --config.a.b=value, e.g.
---config.train_steps=500.
+--config.train_steps=500, --config.model.encoder.moe.dropout_rate=0.1 (the experts'
+dropout), --config.model.encoder.moe.router.z_loss_weight=0.001 or
+--config.model.encoder.moe.router.load_balancing=bias (docs/routers.md).
 """
 import os
 

@@ -107,3 +107,25 @@ def test_parse_arg_types():
       router='B', num_experts=8, capacity_factor=2.0)
   with pytest.raises(ValueError, match="num_experts='x' must be of type int"):
     common.parse_arg('num_experts=x', defaults)
+
+
+def test_digits_takes_the_router_options_from_the_command_line():
+  """The keys the docs name for --config.KEY=VALUE exist, typed (ml_collections refuses
+  an override of a key that is absent or of another type)."""
+  config = common.load_config(os.path.join(REPO, 'configs', 'digits.py'))
+  moe = config.model.encoder.moe
+  moe.dropout_rate = 0.1
+  moe.router.z_loss_weight = 0.001
+  moe.router.load_balancing = 'bias'
+  moe.router.importance_loss_weight = 0.0
+  moe.router.load_loss_weight = 0.0
+  spec = config_lib.resolve(config).model.encoder.moe
+  assert spec.dropout_rate == 0.1 and spec.bias_balancing
+  assert spec.option('z_loss_weight') == 0.001 and spec.option('load_loss_weight') == 0.0
+
+
+@pytest.mark.parametrize('variant', sorted(common.ROUTER_VARIANTS))
+def test_digits_router_variants_resolve(variant):
+  config = common.load_config(
+      os.path.join(REPO, 'configs', 'digits.py') + f':router={variant}')
+  models.resolve(config.model, image_size=(8, 8))

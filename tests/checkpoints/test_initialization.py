@@ -337,3 +337,19 @@ def test_error_reinit_rule_that_matches_nothing(vit):
   with pytest.raises(ValueError, match=r"rules\[0\]=\('reinit', '\^haed/'\) matches neither "
                      r"a checkpoint tensor nor a model param"):
     _init(vit, rules=[('reinit', '^haed/')])
+
+
+def test_balance_biases_a_checkpoint_lacks_start_at_zero(tmp_path):
+  """A V-MoE checkpoint without bias balancing fine-tunes into a model with it."""
+  plain = _dense_config(layers=(1,), num_experts=4)
+  biased = _dense_config(layers=(1,), num_experts=4)
+  biased['encoder']['moe']['router'].update(load_balancing='bias')
+  source = _flat(_random(_shapes(plain), seed=1))
+  target = _shapes(biased)
+  init = jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), target)
+  params, report = ini.initialize(target, init, {'source': 'npz',
+                                                 'path': _npz(tmp_path / 'c.npz', source)})
+  bias = 'Encoder/encoderblock_1/Moe/Router/balance_bias'
+  np.testing.assert_array_equal(_flat(params)[bias], 7.0)  # The model's own init.
+  assert bias in report.initialized
+  assert set(_flat(target)) - set(source) == {bias}

@@ -47,7 +47,8 @@ automatically: rules, allow_* regexes and the report's 'init'/'unused' lines spe
 reference's unscanned names (Encoder/encoderblock_{i}/...), whatever the layout of either
 side; a scanned target's params are stacked from them at the end ('stack(r)' in the
 report; a layer the checkpoint lacks keeps its fresh init). `freeze` matches the model's
-own (possibly scanned) names.
+own (possibly scanned) names. Bias balancing's per-expert biases
+(vmoe.nn.moe.BALANCE_PARAMS) a checkpoint lacks start at zero without allow_missing.
 
 Sparse upcycling of a dense ViT into a V-MoE with experts in blocks 1 and 3:
   rules=[('rename', r'^(Encoder/encoderblock_[13])/Mlp/', r'\\1/Moe/Mlp/'),
@@ -69,6 +70,7 @@ from vmoe.checkpoints import legacy
 from vmoe.checkpoints import rules as rules_lib
 from vmoe.checkpoints import sources
 from vmoe.checkpoints import training
+from vmoe.nn import moe as moe_lib
 from vmoe.nn import scan as scan_lib
 from vmoe.utils import checks
 from vmoe.utils import paths
@@ -250,6 +252,8 @@ def plan(target: Any, cfg: Mapping[str, Any]) -> Plan:
       fresh[n] = 'reinit rule'
     elif allow['allow_missing'](n):
       fresh[n] = 'not in the checkpoint (allow_missing)'
+    elif moe_lib.is_balance_param(n):  # Bias balancing's state: it starts at zero.
+      fresh[n] = 'not in the checkpoint (a balance bias, starts at 0)'
     else:
       problems.append(f'model param {n} {tuple(want[n].shape)} gets no checkpoint tensor: '
                       'map one to it with a rule, or let it keep its fresh init with '

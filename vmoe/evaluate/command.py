@@ -42,6 +42,7 @@ def prepare(config, *, eval_set: Optional[str], spec: str, few_shot: bool
   config = with_fewshot(config, eval_set) if few_shot else config
   run = config_lib.resolve(config, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
+  config_lib.log_inert_options(run)
   values = sweep_spec.parse(spec, config) if spec else []
   run = config_lib.with_data(run)
   names = [f'dataset.{eval_set}'] + (['fewshot.train', 'fewshot.test'] if few_shot else [])

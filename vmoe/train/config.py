@@ -18,6 +18,7 @@ import math
 import sys
 from typing import Any, Mapping, Optional
 
+from absl import logging
 import ml_collections
 import tensorflow_datasets as tfds
 from vmoe.checkpoints import initialization
@@ -124,6 +125,14 @@ class Run:
         return default
       node = node[part]
     return node
+
+
+def log_inert_options(run: Run):
+  """Logs, once per entry point, the reference's options the config sets that have no
+  effect here (vmoe.nn.routers.INERT)."""
+  moe = run.model.encoder.moe
+  for note in moe.inert if moe else ():
+    logging.warning('Accepted with no effect: %s.', note)
 
 
 def resolve(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> Run:

@@ -218,8 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   run = config_lib.resolve(config, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
-  for note in run.model.encoder.moe.inert if run.model.encoder.moe else ():
-    logging.warning('Accepted with no effect: %s.', note)
+  config_lib.log_inert_options(run)
   ckpt = checkpoints.TrainCheckpointer(  # Fails here if WORKDIR is not writable.
       workdir, every_steps=run.get('save_checkpoint.every_steps'),
       keep_last=run.get('save_checkpoint.keep_last', 1),
