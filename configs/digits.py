@@ -26,13 +26,15 @@ Argument (configs/digits.py:key=value,...): router=NAME, a short name of
 vmoe.configs.common.ROUTER_VARIANTS (top_k (default, V-MoE), top_k_bpr,
 top_k_zloss (router z-loss 1e-3), top_k_bias (bias balancing, no balancing losses),
 top_k_unbalanced (neither), expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec,
-ksparse_ec, ksparse_tc, soft, per_image, per_image_superclass, shared_expert, or dense
+ksparse_ec, ksparse_tc, soft, per_image (Mobile V-MoE: one router per image for the
+MoE part), per_image_superclass (with super-class guidance), per_image_layer and
+per_image_layer_superclass (a per-image router in each MoE layer), shared_expert, or dense
 for a plain ViT) or a router class of vmoe.nn.routers.ROUTERS (or the reference's name of
 one); num_experts=8; k=2 (experts per token;
 routers without that option get capacity factor times k instead);
 capacity_factor=1.05; mixup=0.2 (its concentration; 0: no mixup); fewshot=True
 (False: no few-shot probes, e.g. for multi-process runs); superclasses=PATH for
-per_image_superclass (default:
+the *_superclass variants (default:
 configs/digits_superclasses.json, made from the dense model with
   python -m vmoe.main --config=configs/digits.py:router=dense --workdir=/tmp/d
   python -m vmoe.tools.superclasses --config=configs/digits.py:router=dense \
@@ -82,7 +84,7 @@ def get_config(arg=None):
           moe=common.moe_config(
               a['router'], layers=common.every_n(2, 4), num_layers=4,
               superclasses=a['superclasses'] or (
-                  SUPERCLASSES if a['router'] == 'per_image_superclass' else None),
+                  SUPERCLASSES if a['router'].endswith('_superclass') else None),
               num_experts=a['num_experts'],
               # Per-image routing fills the buffers by whole images: groups of
               # 16 keep its capacity padding (and FLOPs) at token routing's.

@@ -8,11 +8,13 @@ r"""Train every digits router variant with several seeds; write docs/routers.md 
 the marker of docs/routers.md whose table is replaced ('<!-- results -->' by default; the
 balancing study is `--section=balancing --capacity_factor=4 --variants=top_k,
 top_k_zloss,top_k_bias,top_k_unbalanced`: with room for every choice, the experts' loads
-are the router's own, not capped by the capacity).
+are the router's own, not capped by the capacity; the Mobile V-MoE study is
+`--section=per_image --variants=dense,top_k,per_image,per_image_superclass,
+per_image_layer,per_image_layer_superclass`).
 
 Each run is `python -m vmoe.main --config=configs/digits.py:router=NAME` in its own
-workdir (kept, so a killed comparison resumes where it stopped). `per_image_superclass`
-uses super-classes derived by `python -m vmoe.tools.superclasses` from the test-set
+workdir (kept, so a killed comparison resumes where it stopped). The `*_superclass`
+variants use super-classes derived by `python -m vmoe.tools.superclasses` from the test-set
 confusion of the dense run of the same seed: which classes get confused is test
 information, a mild leak accepted because digits has no validation split. Results:
 docs/routers.md (mean and std of test accuracy, step time, parameters, active forward
@@ -37,7 +39,8 @@ from vmoe.utils import files  # noqa: E402  # pylint: disable=wrong-import-posit
 
 VARIANTS = ('dense', 'top_k', 'top_k_bpr', 'top_k_zloss', 'top_k_bias', 'top_k_unbalanced',
             'expert_choice', 'soft', 'sinkhorn_tc', 'sinkhorn_ec', 'sparse_ec', 'ksparse_ec',
-            'ksparse_tc', 'per_image', 'per_image_superclass', 'shared_expert')
+            'ksparse_tc', 'per_image', 'per_image_superclass', 'per_image_layer',
+            'per_image_layer_superclass', 'shared_expert')
 NUM_EXPERTS = 8  # configs/digits.py's default: one super-class per expert.
 
 
@@ -102,7 +105,7 @@ def main():
     accs, step_s, params, loads = [], [], None, []
     for seed in seeds:
       arg = (superclasses_of(seed, args.train_steps, args.out_dir)
-             if name == 'per_image_superclass' else '')
+             if name.endswith('_superclass') else '')
       _, m = train(name, seed, args.train_steps, args.out_dir, arg + cf)
       accs.append(m['test']['prec@1'])
       step_s.append(m.get('train_seconds_per_step', float('nan')))

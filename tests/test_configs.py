@@ -4,6 +4,7 @@ for evaluation, evaluates one padded batch with it).
 """
 import dataclasses
 import glob
+import json
 import os
 
 import jax
@@ -43,9 +44,18 @@ def test_there_are_configs():
           'vmoe_b16_every2_imagenet21k.py'} <= names
 
 
+def _argument(path, tmp_path) -> str:
+  """The argument a config needs to load: Mobile V-MoE its super-class file."""
+  if os.path.basename(path) != 'mobile_vmoe_ti16_ilsvrc2012.py':
+    return ''
+  table = tmp_path / 'superclasses.json'
+  table.write_text(json.dumps({'superclass_of_class': [c % 10 for c in range(1000)]}))
+  return f':superclasses={table}'
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
-def test_config_trains_one_step_on_fake_data(path):
-  config = common.load_config(path).to_dict()
+def test_config_trains_one_step_on_fake_data(path, tmp_path):
+  config = common.load_config(path + _argument(path, tmp_path)).to_dict()
   if config.get('initialization') and not config['initialization']['path']:
     # Fine-tuning configs name their checkpoint on the command line; the config
     # checks do not open it (a resumed run must not need it).
@@ -99,6 +109,26 @@ def test_digits_accepts_every_router(router):
 def test_config_argument_rejects_unknown_keys(path):
   with pytest.raises(ValueError, match=r"Bad config argument 'nope=1'.*key in"):
     common.load_config(f'{path}:nope=1')
+
+
+def test_mobile_vmoe_configs():
+  """The paper's ViT-Tiny Mobile V-MoE and its dense baseline (one file)."""
+  path = os.path.join(REPO, 'configs', 'mobile_vmoe_ti16_ilsvrc2012.py')
+  with pytest.raises(ValueError, match='needs a super-class file'):
+    common.load_config(path)
+  dense = models.resolve(common.load_config(f'{path}:router=dense').model,
+                         image_size=(224, 224))
+  assert (dense.encoder.num_layers, dense.hidden_size, dense.encoder.num_heads,
+          dense.encoder.mlp_dim, dense.patch_size, dense.tokens_per_image,
+          dense.encoder.moe) == (12, 192, 3, 768, (16, 16), 197, None)
+  config = common.load_config(f'{path}:router=per_image')
+  spec = models.resolve(config.model, image_size=(224, 224))
+  moe = spec.encoder.moe
+  assert (spec.encoder.moe_layers, moe.num_experts, moe.num_selected_experts,
+          moe.model_router) == ((10, 11), 10, 1, True)
+  eval_moe = models.resolve(config.model, image_size=(224, 224), overrides=dotted.flatten(
+      config.evaluate.model_overrides.to_dict())).encoder.moe
+  assert eval_moe.chosen_experts == 'always'
 
 
 def test_parse_arg_types():

@@ -28,11 +28,14 @@ B, E = 16, 8  # 16 images of 16 tokens, one image per group: 2 groups per device
 IMAGE = (8, 8, 3)
 
 
-def model_config(router: str, num_layers: int = 1, **encoder) -> dict:
-  """One MoE block; or with num_layers=4 (and scan=True), MoE in blocks 1 and 3."""
+def model_config(router: str, num_layers: int = 1, chosen_experts=None, **encoder) -> dict:
+  """One MoE block; or with num_layers=4 (and scan=True), MoE in blocks 1 and 3 (the
+  last 2 for per-image routing). chosen_experts: the per-image dispatcher option."""
   layers = (0,) if num_layers == 1 else tuple(range(1, num_layers, 2))
   moe = common.moe_config(router, layers=layers, num_layers=num_layers, num_experts=E,
                           group_size=16, num_selected_experts=2, capacity_factor=1.0)
+  if chosen_experts is not None:
+    moe.router.dispatcher.chosen_experts = chosen_experts
   return dict(name='VisionTransformerMoe', num_classes=10, patch_size=(2, 2),
               hidden_size=16, classifier='gap', representation_size=None,
               head_kernel_zero_init=False,
@@ -78,9 +81,14 @@ def main():
   out = {}
   # (router, model config, meshes): every router on every mesh; and the scanned
   # encoder (weights [L, E, ...] of the MoE blocks under Encoder/scan_0_2x2) on one.
+  # Mobile V-MoE (one router for 2 MoE blocks) with capacity buffers and with each
+  # image's chosen experts' weights gathered to it.
   cases = [(r, model_config(r), MESHES) for r in ROUTERS] + [
       ('scanned_top_k', model_config('top_k', num_layers=4, scan=True),
-       {'data2_expert4': MESHES['data2_expert4']})]
+       {'data2_expert4': MESHES['data2_expert4']})] + [
+      (f'per_image_{"chosen" if c else "buffers"}',
+       model_config('per_image', num_layers=4, chosen_experts=c),
+       {'data2_expert4': MESHES['data2_expert4']}) for c in (False, True)]
   for router, config, meshes in cases:
     model = models.build_model(config, IMAGE[:2])
     params = random_params(model, seed=1)

@@ -70,6 +70,7 @@ from vmoe.checkpoints import legacy
 from vmoe.checkpoints import rules as rules_lib
 from vmoe.checkpoints import sources
 from vmoe.checkpoints import training
+from vmoe.nn import models
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import scan as scan_lib
 from vmoe.utils import checks
@@ -259,9 +260,10 @@ def plan(target: Any, cfg: Mapping[str, Any]) -> Plan:
                       'map one to it with a rule, or let it keep its fresh init with '
                       f"allow_missing or ('reinit', {'^' + re.escape(n) + '$'!r})")
   if problems:
+    hint = models.router_layout_hint(set(want) - set(used) - set(fresh), set(tensors) - set(want))
     raise ValueError(f'config.initialization from {cfg["source"]} checkpoint '
                      f'{cfg["path"]}: {len(problems)} problem(s):\n  '
-                     + '\n  '.join(problems))
+                     + '\n  '.join(problems) + (f'\n {hint}' if hint else ''))
   if segments:
     used, fresh = _scanned(used, fresh, segments, ctx)
   freeze = paths.patterns(cfg.get('freeze'))

@@ -26,6 +26,8 @@ VARIANTS = {
     '15B': dict(hidden_size=1408, num_layers=48, mlp_dim=6400, num_heads=16),
     # The later ViT-S (vision_transformer's AugReg and big_vision checkpoints).
     'S12': dict(hidden_size=384, num_layers=12, mlp_dim=1536, num_heads=6),
+    # ViT-Tiny (DeiT; Mobile V-MoE's largest model).
+    'Ti': dict(hidden_size=192, num_layers=12, mlp_dim=768, num_heads=3),
 }
 
 
@@ -149,9 +151,14 @@ ROUTER_VARIANTS = {
     'ksparse_ec': ('KSparseTransportTopItemsPerExpertRouter', {}, {}, {}),
     'ksparse_tc': ('KSparseTransportTopExpertsPerItemRouter', {}, {}, {}),
     'soft': ('SoftRouter', {}, {}, {}),
-    'per_image': ('PerImageRouter', {}, {}, {'layers': 'last'}),  # Mobile V-MoE.
+    # Mobile V-MoE: one per-image router for the MoE part (the last blocks).
+    'per_image': ('PerImageRouter', {}, {}, {'layers': 'last'}),
     # Needs moe_config(superclasses=PATH), from python -m vmoe.tools.superclasses.
     'per_image_superclass': ('PerImageRouter', {}, {}, {'layers': 'last'}),
+    # The same with a per-image router in every MoE layer (for comparison).
+    'per_image_layer': ('PerImageRouter', {'scope': 'layer'}, {}, {'layers': 'last'}),
+    'per_image_layer_superclass': ('PerImageRouter', {'scope': 'layer'}, {},
+                                   {'layers': 'last'}),
     'shared_expert': ('NoisyTopExpertsPerItemRouter', {}, {}, {'shared_experts': 1}),
 }
 
@@ -197,8 +204,8 @@ def moe_config(router: str, *, layers, num_layers: int, num_experts: int,
   """model.encoder.moe for `router`: a short name of ROUTER_VARIANTS or a
   router class name of vmoe.nn.routers.ROUTERS.
 
-  superclasses: the JSON of python -m vmoe.tools.superclasses, needed by
-  router='per_image_superclass' (one super-class per expert).
+  superclasses: the JSON of python -m vmoe.tools.superclasses, needed by the
+  '*_superclass' variants (one super-class per expert).
   """
   variant = router
   if router in ROUTER_VARIANTS:
@@ -214,16 +221,16 @@ def moe_config(router: str, *, layers, num_layers: int, num_experts: int,
                     capacity_factor=capacity_factor, bfloat16=bfloat16)
   r.update(router_options)
   r.dispatcher.update(dispatcher_options)
-  if variant == 'per_image_superclass':
+  if variant.endswith('_superclass'):
     if not superclasses:
       raise ValueError(
-          'router=per_image_superclass needs a super-class file: derive one from a '
+          f'router={variant} needs a super-class file: derive one from a '
           'trained dense model with python -m vmoe.tools.superclasses and pass its '
           'path (superclasses=PATH).')
     r.superclasses = superclasses
   elif superclasses:
-    raise ValueError(f'superclasses={superclasses!r} is only used by '
-                     f'router=per_image_superclass, not router={variant!r}.')
+    raise ValueError(f'superclasses={superclasses!r} is only used by the '
+                     f'*_superclass routers, not router={variant!r}.')
   moe_options = dict(moe_options)
   if moe_options.get('layers') == 'last':
     moe_options['layers'] = tuple(range(num_layers - len(tuple(layers)), num_layers))

@@ -53,8 +53,10 @@ class RoutingStats:
       p = np.exp(logits - logits.max(-1, keepdims=True))
       p /= p.sum(-1, keepdims=True)
       ent = -(p * np.log(p + 1e-12)).sum(-1).reshape(-1)
-      if ent.shape[0] == img_valid.shape[0]:  # Per-token logits (not per-image).
+      if ent.shape[0] == img_valid.shape[0]:  # Per-token logits.
         ent = ent[img_valid]
+      elif ent.shape[0] == valid.shape[0]:  # Per-image logits (per-image routing).
+        ent = ent[valid.astype(bool)]
       self.gate_entropy_sum += float(ent.sum())
       self.gate_entropy_count += int(ent.shape[0])
 
@@ -94,13 +96,18 @@ def _group_rows(class_expert: np.ndarray, superclasses: Sequence[int]) -> np.nda
 def moe_intermediates(inter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
   """Sown tree -> {'encoderblock_i': {'buffer_slot', 'combine_weight', 'logits'}}."""
   out = {}
-  for name, block in (inter.get('Encoder') or {}).items():
+  encoder = inter.get('Encoder') or {}
+  # One per-image router for the whole MoE part (Mobile V-MoE): its logits are every
+  # MoE layer's.
+  shared = (encoder.get('image_router') or {}).get('logits')
+  for name, block in encoder.items():
     moe = block.get('Moe') if isinstance(block, Mapping) else None
     if not moe:
       continue
     layer = {k: v[0] for k, v in moe.items() if isinstance(v, tuple)}
-    if 'logits' in (moe.get('Router') or {}):
-      layer['logits'] = moe['Router']['logits'][0]
+    logits = (moe.get('Router') or {}).get('logits', shared)
+    if logits is not None:
+      layer['logits'] = logits[0]
     out[name] = layer
   return dict(sorted(out.items(), key=lambda kv: int(kv[0].rsplit('_', 1)[-1])))
 

@@ -18,8 +18,11 @@ def _attention(t: int, d: int, t_kv: int = None) -> int:
 
 
 def moe_slots_per_image(spec: spec_lib.ModelSpec) -> float:
-  """E * C token buffer slots per image of every MoE layer (the same for all layers)."""
+  """E * C token buffer slots per image of every MoE layer (the same for all layers); the
+  K x T tokens of its chosen experts for per-image routing that always runs them."""
   moe = spec.encoder.moe
+  if moe.slots == 'images' and moe.chosen_experts == 'always':
+    return moe.num_selected_experts * spec.tokens_per_image
   images_per_group = moe.group_size / spec.tokens_per_image
   return moe.num_experts * moe.token_slots / images_per_group
 
@@ -42,8 +45,9 @@ def flops_per_image(spec: spec_lib.ModelSpec) -> float:
       # Logits, then the dispatch and combine weighted sums: each token meets every slot
       # of its group, i.e. E * P slots (= slots per image x images per group).
       router = 3 * 2 * t * d * (slots * moe.group_size / t)
-    elif moe.slots == 'images':
-      router = 2 * d * moe.num_experts
+    elif moe.slots == 'images':  # One router for all MoE layers with scope 'model'.
+      first = i == min(enc.moe_layers)
+      router = 2 * d * moe.num_experts if first or not moe.model_router else 0
     else:
       router = 2 * t * d * moe.num_experts
     total += router + mlp * slots + moe.shared_experts * mlp * t

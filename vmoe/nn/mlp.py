@@ -32,6 +32,8 @@ class ExpertDense(nn.Module):
   __call__(x [N, D_in], group_sizes [E]) -> [N, F]: rows sorted by expert, the first
     group_sizes[0] rows are expert 0's, and so on (jax.lax.ragged_dot); rows past
     sum(group_sizes) belong to no expert and carry garbage.
+  __call__(x [B, K, T, D_in], experts [B, K]) -> [B, K, T, F]: x[b, k] goes through
+    expert experts[b, k], whose weights are gathered for it (per-image routing).
   """
   features: int
   num_experts: int
@@ -39,11 +41,16 @@ class ExpertDense(nn.Module):
   compute_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x: Array, group_sizes=None) -> Array:
+  def __call__(self, x: Array, group_sizes=None, experts=None) -> Array:
     e, d = self.num_experts, x.shape[-1]
     kernel = self.param('kernel', _stacked(KERNEL_INIT, e, self.split_rngs),
                         (e, d, self.features))
     bias = self.param('bias', _stacked(BIAS_INIT, e, self.split_rngs), (e, self.features))
+    if experts is not None:
+      (b, k, t, _), f = x.shape, self.features
+      y = precision.dot(x.reshape(b * k, t, d), kernel[experts].reshape(b * k, d, f),
+                        self.compute_dtype)
+      return y.reshape(b, k, t, f) + bias[experts][:, :, None, :]
     if group_sizes is None:
       return precision.dot(x, kernel, self.compute_dtype) + bias[:, None, :]
     row_expert = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=x.shape[0])
@@ -55,6 +62,8 @@ class ExpertMlp(nn.Module):
 
   __call__(x [G, E, C, D]) -> [G, E, C, D] (dispatch kinds 'einsum' and 'indices').
   __call__(x [N, D], group_sizes [E]) -> [N, D] (rows sorted by expert, kind 'ragged').
+  __call__(x [B, T, D], experts [B, K]) -> [B, K, T, D] (each image through its K
+    experts, kind 'chosen').
   split_rngs: the rng streams drawn per expert, of 'params' (experts start different)
   and 'dropout' (each expert's buffer its own mask; otherwise one [G*C, H] mask shared by
   all experts, as the reference's vmap without split dropout).
@@ -66,24 +75,29 @@ class ExpertMlp(nn.Module):
   compute_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, group_sizes=None) -> Array:
+  def __call__(self, x: Array, *, train: bool, group_sizes=None, experts=None) -> Array:
     dense = lambda n, name: ExpertDense(n, self.num_experts, 'params' in self.split_rngs,
                                         self.compute_dtype, name=name)
     d = x.shape[-1]
-    h = x
-    if group_sizes is None:
+    h, buffers = x, group_sizes is None and experts is None
+    if buffers:
       g, e, c, _ = x.shape
       # [E, G*C, D]: each expert's buffer is contiguous, the layout expert parallelism
       # shards on its leading axis.
       h = jnp.swapaxes(x, 0, 1).reshape(e, g * c, d)
-    # Ragged rows have no expert axis to share a mask over: each row draws its own.
-    shared = () if 'dropout' in self.split_rngs or group_sizes is not None else (0,)
+    elif experts is not None:
+      h = jnp.broadcast_to(x[:, None], (x.shape[0], experts.shape[1], *x.shape[1:]))
+    # One mask shared by the experts (axis 0 of the buffers, K of the chosen experts);
+    # ragged rows have no expert axis to share it over: each row draws its own.
+    shared = {True: (0,), False: (1,) if experts is not None else ()}[buffers]
+    if 'dropout' in self.split_rngs:
+      shared = ()
     dropout = nn.Dropout(self.dropout_rate, broadcast_dims=shared, deterministic=not train)
-    h = nn.gelu(dense(self.mlp_dim, 'Dense_0')(h, group_sizes))
+    h = nn.gelu(dense(self.mlp_dim, 'Dense_0')(h, group_sizes, experts))
     h = dropout(h)
-    h = dense(d, 'Dense_1')(h, group_sizes)
+    h = dense(d, 'Dense_1')(h, group_sizes, experts)
     h = dropout(h)
-    if group_sizes is None:
+    if buffers:
       h = jnp.swapaxes(h.reshape(e, g, c, d), 0, 1)
     return h
 

@@ -13,6 +13,7 @@ never edits the config.
 """
 import dataclasses
 import math
+import re
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 from flax import traverse_util
@@ -46,7 +47,10 @@ INERT_DISPATCHER = {
                         '(vmoe/nn/precision.py), whatever precision it names',
 }
 DISPATCHER_KEYS = ('name', 'capacity', 'capacity_factor', 'capacity_ceil_or_round',
-                   'capacity_multiple_of', 'batch_priority', 'bfloat16', *INERT_DISPATCHER)
+                   'capacity_multiple_of', 'batch_priority', 'bfloat16', 'chosen_experts',
+                   *INERT_DISPATCHER)
+# dispatcher.chosen_experts (per-image routing) -> MoeSpec.chosen_experts.
+CHOSEN_EXPERTS = {'auto': 'auto', True: 'always', False: 'never'}
 SPLIT_RNGS = ('dropout', 'params')
 ModelSpec = spec_lib.ModelSpec
 
@@ -119,7 +123,24 @@ def check_params(params: Mapping[str, Any], spec: ModelSpec, source: str):
     raise ValueError(f'The parameters in {source} do not fit the model config: '
                      + '; '.join(problems[:20])
                      + (f'; and {len(problems) - 20} more' if len(problems) > 20 else '')
-                     + '. Check the model config (sizes, moe.layers, num_experts, classifier).')
+                     + '. Check the model config (sizes, moe.layers, num_experts, classifier).'
+                     + router_layout_hint(set(want) - set(got), set(got) - set(want)))
+
+
+def router_layout_hint(missing, unexpected) -> str:
+  """A hint when params differ in where the per-image router lives (names '/'-joined)."""
+  model = lambda names: any('Encoder/image_router/' in n for n in names)
+  layer = lambda names: any(re.search(r'/Moe/Router/', n) for n in names)
+  if model(missing) and layer(unexpected):
+    return (' These params have a router in every MoE layer (Moe/Router, the per-layer '
+            "layout), the model one per-image router for the whole MoE part "
+            "(Encoder/image_router): set model.encoder.moe.router.scope='layer' to use "
+            'them as they are.')
+  if layer(missing) and model(unexpected):
+    return (' These params have one per-image router for the whole MoE part '
+            '(Encoder/image_router), the model one per MoE layer: set '
+            "model.encoder.moe.router.scope='model'.")
+  return ''
 
 
 def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int]
@@ -194,13 +215,24 @@ def _moe(moe: Mapping[str, Any], num_classes: Optional[int]) -> spec_lib.MoeSpec
             if k in disp]
   k = options.get('num_selected_experts', 1)
   kind, rule = _dispatch(cls, disp, sizing, e, k, f'{where}.router.dispatcher')
+  chosen = disp.get('chosen_experts', 'auto' if cls.SLOTS == 'images' else None)
+  if cls.SLOTS != 'images' and chosen is not None:
+    raise ValueError(f'{where}.router.dispatcher.chosen_experts={chosen!r}: only per-image '
+                     'routing (PerImageRouter) can run each image through its chosen '
+                     'experts; remove the key.')
+  if cls.SLOTS == 'images' and (not isinstance(chosen, (str, bool))
+                                or chosen not in CHOSEN_EXPERTS):
+    raise ValueError(f'{where}.router.dispatcher.chosen_experts={chosen!r} must be '
+                     "'auto' (at inference where it is faster), True (always) or False "
+                     '(never: capacity buffers).')
   return spec_lib.MoeSpec(
       num_experts=e, group_size=s, router=name, options=tuple(sorted(options.items())),
       # The reference's Soft MoE always moves tokens in bfloat16.
       dispatch=kind, bfloat16=bool(disp.get('bfloat16', cls.SLOTS == 'soft')),
       batch_priority=bool(disp.get('batch_priority', False)), capacity_rule=rule,
       split_rngs=_split_rngs(moe.get('split_rngs', False), f'{where}.split_rngs'),
-      dropout_rate=rate, inert=tuple(inert), shared_experts=shared)
+      dropout_rate=rate, inert=tuple(inert), shared_experts=shared,
+      chosen_experts=CHOSEN_EXPERTS[chosen] if cls.SLOTS == 'images' else 'never')
 
 
 def _router_options(name: str, router: dict, num_classes: Optional[int], e: int,
@@ -232,6 +264,7 @@ def _router_options(name: str, router: dict, num_classes: Optional[int], e: int,
                 f'{where}.load_balancing')
   checks.one_of(options.get('precision'), soft.PRECISIONS, f'{where}.precision')
   checks.one_of(options.get('image_repr', 'mean'), per_image.IMAGE_REPRS, f'{where}.image_repr')
+  checks.one_of(options.get('scope', 'model'), per_image.SCOPES, f'{where}.scope')
   if options.get('superclasses') is not None:
     options['superclasses'] = per_image.load_superclasses(options['superclasses'],
                                                           num_classes, e)
@@ -319,11 +352,13 @@ def compute_capacity(num_slots: int, num_experts: int, capacity_factor: float,
 
 
 def resolve_moe(config: Mapping[str, Any], *, tokens_per_image: int,
-                num_classes: Optional[int] = None) -> spec_lib.MoeSpec:
+                num_classes: Optional[int] = None, class_token: bool = False
+                ) -> spec_lib.MoeSpec:
   """The MoeSpec of a `model.encoder.moe` config (with `layers`) on its own, for images
-  of `tokens_per_image` tokens: a MoE layer outside a model (benchmarks, tests)."""
+  of `tokens_per_image` tokens (class_token: token 0 of each is a class token): a MoE
+  layer outside a model (benchmarks, tests), which routes its input itself."""
   return _moe_at(_moe(checks.to_dict(config), num_classes), tokens_per_image,
-                 f'images of {tokens_per_image} tokens')
+                 f'images of {tokens_per_image} tokens', class_token)
 
 
 def _at(spec: ModelSpec, image_size: tuple[int, int]) -> ModelSpec:
@@ -335,14 +370,21 @@ def _at(spec: ModelSpec, image_size: tuple[int, int]) -> ModelSpec:
   spec = dataclasses.replace(spec, image_size=(h, w))
   if spec.encoder.moe is None:
     return spec
-  moe = _moe_at(spec.encoder.moe, spec.tokens_per_image, f'a {h}x{w} image')
+  moe = _moe_at(spec.encoder.moe, spec.tokens_per_image, f'a {h}x{w} image',
+                class_token=spec.classifier == 'token')
   return dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, moe=moe))
 
 
-def _moe_at(moe: spec_lib.MoeSpec, t: int, images: str) -> spec_lib.MoeSpec:
-  """moe for images of t tokens (`images` describes them): its capacity."""
+def _moe_at(moe: spec_lib.MoeSpec, t: int, images: str, class_token: bool = False
+            ) -> spec_lib.MoeSpec:
+  """moe for images of t tokens (`images` describes them; class_token: token 0 of each
+  is the class token): its capacity."""
   s, e, k = moe.group_size, moe.num_experts, moe.num_selected_experts
   where = 'model.encoder.moe'
+  if moe.slots == 'images' and moe.option('image_repr') == 'token' and not class_token:
+    raise ValueError(f"{where}.router.image_repr='token': the images have no class token "
+                     "to route by (model.classifier is not 'token'); use image_repr='mean' "
+                     "(the mean of the patch tokens) or classifier='token'.")
   if moe.slots == 'images' and s % t:
     raise ValueError(f'{where}.group_size={s}: per-image routing needs whole images in a '
                      f'group, a multiple of the {t} tokens of {images}.')
@@ -353,4 +395,4 @@ def _moe_at(moe: spec_lib.MoeSpec, t: int, images: str) -> spec_lib.MoeSpec:
   if moe.slots == 'tokens' and c > s:
     raise ValueError(f'{where}: expert-choice capacity {c} exceeds the group size {s}; '
                      'lower capacity_factor or raise group_size.')
-  return dataclasses.replace(moe, tokens_per_image=t, capacity=c)
+  return dataclasses.replace(moe, tokens_per_image=t, class_token=class_token, capacity=c)

@@ -96,35 +96,45 @@ class MoeLayer(nn.Module):
   sharding: Optional[Sharding] = None
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
-    """x: [B, T, D], labels: optional int [B] -> ([B, T, D], metrics of [G] arrays)."""
+  def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None,
+               routing: Optional[routing_lib.ImageRouting] = None):
+    """x: [B, T, D], labels: optional int [B] -> ([B, T, D], metrics of [G] arrays).
+
+    routing: the encoder's per-image decision for every MoE layer (PerImageRouter with
+    scope 'model'); without it the layer routes x with its own router, `Router`.
+    """
     b, t, d = x.shape
     spec = self.spec
     s = spec.group_size
     xg = x.reshape(b * t // s, s, d)
     if self.sharding is not None:
       xg = self.sharding.groups(xg)
-    routing, metrics = routers_lib.ROUTERS[spec.router](**spec.router_kwargs(), name='Router')(
-        xg, train=train, labels=labels)
-    if isinstance(routing, routing_lib.SparseRouting):
-      metrics.update(router_metrics.routing_metrics(routing, s))
-      if self.is_mutable_collection('intermediates'):
-        slot, weight = routing.per_token(s)
-        self.sow('intermediates', 'buffer_slot', slot)
-        self.sow('intermediates', 'combine_weight', weight)
-    dispatcher = routing_lib.DISPATCHERS[spec.dispatch](routing, s)
+    metrics = {}
+    if routing is None:
+      routing, metrics = routers_lib.ROUTERS[spec.router](
+          **spec.router_kwargs(), name='Router')(xg, train=train, labels=labels)
+    kind = spec.dispatch
+    if isinstance(routing, routing_lib.ImageRouting):
+      if spec.uses_chosen_experts(b, train):
+        kind = 'chosen'
+      else:
+        routing = routing.tokens
+    self._routing_metrics(routing, s, metrics)
+    dispatcher = routing_lib.DISPATCHERS[kind](routing, s)
     # bfloat16 dispatch moves tokens in bfloat16 (half the memory and all-to-all bytes);
     # the experts still see the layer's dtype.
     io_dtype = jnp.bfloat16 if spec.bfloat16 else x.dtype
     experts = mlp.ExpertMlp(self.mlp_dim, spec.num_experts, self.dropout_rate,
                             spec.split_rngs, self.compute_dtype, name='Mlp')
     # Buffers [G, E, C, D] go to the experts' devices and back (all-to-all on a mesh with
-    # an 'expert' axis); ragged rows [G*S*K, D] stay where they are.
-    buffers = dispatcher.group_sizes is None
+    # an 'expert' axis); ragged rows [G*S*K, D] and chosen experts' images stay where they
+    # are (the chosen experts' weights are gathered to them).
+    buffers = isinstance(dispatcher, routing_lib.Buffers)
     x_in = dispatcher.dispatch(xg.astype(io_dtype))
     if buffers:
       x_in = _to_experts(x_in, self.sharding)
-    y = experts(x_in.astype(x.dtype), train=train, group_sizes=dispatcher.group_sizes)
+    y = experts(x_in.astype(x.dtype), train=train, group_sizes=dispatcher.group_sizes,
+                experts=getattr(dispatcher, 'experts', None))
     y = y.astype(io_dtype)
     out = dispatcher.combine(_to_groups(y, self.sharding) if buffers else y)
     out = out.astype(x.dtype).reshape(b, t, d)
@@ -133,3 +143,18 @@ class MoeLayer(nn.Module):
       out = out + mlp.MlpBlock(self.mlp_dim, self.dropout_rate, self.compute_dtype,
                                name=f'SharedMlp_{i}')(x, train=train)
     return out, metrics
+
+  def _routing_metrics(self, routing, s: int, metrics: dict):
+    """Adds the load metrics of a hard routing to `metrics`, and sows its per-token view
+    (buffer slot, or rank of the chosen expert, and weight: [G, S, E]) for the routing
+    analysis. Soft MoE has none: every token reaches every slot."""
+    if isinstance(routing, routing_lib.DenseRouting):
+      return
+    if isinstance(routing, routing_lib.ImageRouting):
+      metrics.update(router_metrics.image_metrics(routing, self.spec.num_experts))
+    else:
+      metrics.update(router_metrics.routing_metrics(routing, s))
+    if self.is_mutable_collection('intermediates'):
+      slot, weight = routing.per_token(s)
+      self.sow('intermediates', 'buffer_slot', slot)
+      self.sow('intermediates', 'combine_weight', weight)

@@ -26,6 +26,10 @@ of the same decisions:
   Dropped choices (capacity) stay dropped; with no capacity configured nothing drops.
 - 'soft' (`Soft`): Soft MoE's weighted sums (the config calls it 'einsum', as the
   reference does; vmoe.nn.models resolves it to 'soft').
+- 'chosen' (`Chosen`): per-image routing (`ImageRouting`) without buffers: each image's
+  tokens go through its K experts' weights, gathered per image, so an image costs K expert
+  MLPs and nothing is dropped or padded (Mobile V-MoE inference; the MoE layer picks it,
+  vmoe.nn.spec.MoeSpec.chosen_experts).
 """
 from typing import Optional
 
@@ -120,7 +124,34 @@ class DenseRouting:
   combine_weights: Array
 
 
-class _Buffers:
+@flax.struct.dataclass
+class ImageRouting:
+  """Per-image routing (Mobile V-MoE): every token of image b goes to its K experts.
+
+  expert: [B, K] int32, the experts of each image of the batch (groups of whole images,
+    in order); weight: [B, K] their combine weights, capacity aside (nothing dropped).
+  tokens: the same decisions at token level with the expert capacity applied (images
+    past an expert's C_img image slots dropped), for the buffer and ragged dispatchers.
+  """
+  expert: Array
+  weight: Array
+  tokens: SparseRouting
+
+  def per_token(self, num_tokens: int):
+    """Dense view as SparseRouting.per_token: (rank k of the expert among the image's
+    choices, -1 if not chosen; weight), both [G, S, E]."""
+    g = self.tokens.slot_token.shape[0]
+    b, k = self.expert.shape
+    e = self.tokens.slot_token.shape[1]
+    onehot = jax.nn.one_hot(self.expert, e, dtype=jnp.int32)  # [B, K, E]
+    rank = jnp.max(onehot * (jnp.arange(k, dtype=jnp.int32)[:, None] + 1), axis=1) - 1
+    weight = jnp.einsum('bke,bk->be', onehot.astype(self.weight.dtype), self.weight)
+    t = g * num_tokens // b
+    tile = lambda v: jnp.repeat(v, t, axis=0).reshape(g, num_tokens, e)
+    return tile(rank), tile(weight)
+
+
+class Buffers:
   """Dispatch into buffers [G, E, C, D] (on a mesh, the MoE layer moves them to the
   experts' devices and back); `group_sizes` is for ragged rows only."""
   group_sizes = None
@@ -129,7 +160,7 @@ class _Buffers:
     self.routing, self.num_tokens = routing, num_tokens
 
 
-class OneHot(_Buffers):
+class OneHot(Buffers):
   """'einsum': x [G, S, D] -> buffers [G, E, C, D] by one-hot matmuls, and back."""
 
   def dispatch(self, x: Array) -> Array:
@@ -153,7 +184,7 @@ class OneHot(_Buffers):
     return precision.dot(onehot.astype(wy.dtype), wy, _precision_of(wy)).astype(wy.dtype)
 
 
-class Gather(_Buffers):
+class Gather(Buffers):
   """'indices': x [G, S, D] -> buffers [G, E, C, D] by gathers, and back."""
 
   def dispatch(self, x: Array) -> Array:
@@ -194,7 +225,7 @@ class Ragged:
     return jnp.einsum('gskd,gsk->gsd', yk, self.rows.token_weight)
 
 
-class Soft(_Buffers):
+class Soft(Buffers):
   """'soft': every slot [G, E, P, D] a weighted sum of the group's tokens, every output a
   weighted sum of the slots (DenseRouting), in the weights' dtype."""
 
@@ -205,7 +236,30 @@ class Soft(_Buffers):
     return jnp.einsum('gsep,gepd->gsd', self.routing.combine_weights, y)
 
 
-DISPATCHERS = {'einsum': OneHot, 'indices': Gather, 'ragged': Ragged, 'soft': Soft}
+class Chosen:
+  """'chosen': x [G, S, D] of whole images -> images [B, T, D]; the experts apply each
+  image's K experts (`experts` [B, K]) to it, [B, K, T, D], and combine sums them with
+  the image's weights. No capacity: nothing is dropped."""
+  group_sizes = None
+
+  def __init__(self, routing: ImageRouting, num_tokens: int):
+    self.routing, self.num_tokens = routing, num_tokens
+    self.experts = routing.expert
+
+  def dispatch(self, x: Array) -> Array:
+    """x: [G, S, D] -> [B, T, D]."""
+    g, s, d = x.shape
+    b = self.experts.shape[0]
+    return x.reshape(b, g * s // b, d)
+
+  def combine(self, y: Array) -> Array:
+    """y: [B, K, T, D] -> [G, S, D], in the weights' dtype."""
+    out = jnp.einsum('bktd,bk->btd', y, self.routing.weight)
+    return out.reshape(-1, self.num_tokens, out.shape[-1])
+
+
+DISPATCHERS = {'einsum': OneHot, 'indices': Gather, 'ragged': Ragged, 'soft': Soft,
+               'chosen': Chosen}
 
 
 def top_experts_per_item(gates: Array, num_selected_experts: int, capacity: int,

@@ -12,6 +12,11 @@ from typing import Any, Optional
 from vmoe.nn import routers
 
 
+# chosen_experts='auto' runs the chosen-experts path while the batch's image choices per
+# expert (B x K / E) stay at most this; measured by benchmarks/per_image_latency.py.
+CHOSEN_AUTO_MAX_IMAGES = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class CapacityRule:
   """How many slots each expert gets: `capacity`, or `factor` x the slots a group needs
@@ -35,9 +40,13 @@ class MoeSpec:
   streams drawn per expert ('params': experts start different; 'dropout': independent
   masks), the others shared by all experts. dropout_rate: the experts' dropout (None: the
   encoder's). inert: the accepted options that have no effect here, as 'key: why'
-  (vmoe.nn.routers.INERT), for the start-up log. tokens_per_image (T) and capacity (C
-  slots per expert: tokens, images for per-image routing, mixed slots for Soft MoE) are
-  set once the image size is known.
+  (vmoe.nn.routers.INERT), for the start-up log. chosen_experts (per-image routing only):
+  when the layer runs each image through its K experts' gathered weights instead of
+  capacity buffers (routing.Chosen): 'auto' (at inference, for batches of at most
+  CHOSEN_AUTO_MAX_IMAGES images per expert, where it is faster: docs/performance.md),
+  'always' (training too) or 'never'. tokens_per_image (T), class_token (token 0 of each
+  image is the class token) and capacity (C slots per expert: tokens, images for
+  per-image routing, mixed slots for Soft MoE) are set once the image size is known.
   """
   num_experts: int
   group_size: int
@@ -51,7 +60,9 @@ class MoeSpec:
   dropout_rate: Optional[float] = None
   inert: tuple[str, ...] = ()
   shared_experts: int = 0
+  chosen_experts: str = 'never'
   tokens_per_image: Optional[int] = None
+  class_token: bool = False
   capacity: Optional[int] = None
 
   def option(self, key: str) -> Any:
@@ -72,6 +83,19 @@ class MoeSpec:
     return dict(self.options).get('superclasses')
 
   @property
+  def model_router(self) -> bool:
+    """One per-image routing decision for the whole MoE part (PerImageRouter with scope
+    'model', Mobile V-MoE), made by the encoder before its first MoE block."""
+    return dict(self.options).get('scope') == 'model'
+
+  def uses_chosen_experts(self, num_images: int, train: bool) -> bool:
+    """Whether a layer seeing `num_images` images runs the chosen-experts path."""
+    if self.chosen_experts == 'auto':
+      return not train and num_images * self.num_selected_experts <= (
+          CHOSEN_AUTO_MAX_IMAGES * self.num_experts)
+    return self.chosen_experts == 'always'
+
+  @property
   def slots(self) -> str:
     """What fills the slots: 'choices', 'tokens', 'images' or 'soft' (vmoe.nn.routers)."""
     return routers.ROUTERS[self.router].SLOTS
@@ -85,7 +109,7 @@ class MoeSpec:
     """The router's attributes: its options and the resolved numbers it takes."""
     resolved = dict(num_experts=self.num_experts, capacity=self.capacity,
                     batch_priority=self.batch_priority,
-                    tokens_per_image=self.tokens_per_image)
+                    tokens_per_image=self.tokens_per_image, class_token=self.class_token)
     fields = routers.attributes(self.router)
     return {**dict(self.options), **{k: v for k, v in resolved.items() if k in fields}}
 

@@ -17,6 +17,7 @@ from vmoe.nn import precision
 from vmoe.nn import scan as scan_lib
 from vmoe.nn import spec as spec_lib
 from vmoe.nn.mlp import MlpBlock
+from vmoe.nn.routers import per_image
 
 Array = jax.Array
 CLASSIFIERS = ('token', 'gap', '0', 'map')
@@ -51,9 +52,10 @@ class EncoderBlock(nn.Module):
   moe_sharding: Optional[moe_lib.Sharding] = None
 
   @nn.compact
-  def __call__(self, x: Array, labels: Optional[Array], train: bool):
-    """x: [B, T, D] -> ([B, T, D], metrics or None). Positional: nn.remat needs train
-    static (static_argnums)."""
+  def __call__(self, x: Array, labels: Optional[Array], routing, train: bool):
+    """x: [B, T, D] -> ([B, T, D], metrics or None). routing: the encoder's per-image
+    decision (routing.ImageRouting) or None. Positional: nn.remat needs train static
+    (static_argnums)."""
     spec = self.spec
     y = nn.LayerNorm(name='LayerNorm_0')(x)
     dot_general = precision.dot_general(spec.compute_dtype)  # Projections; softmax in f32.
@@ -71,7 +73,7 @@ class EncoderBlock(nn.Module):
     rate = spec.dropout_rate if self.moe.dropout_rate is None else self.moe.dropout_rate
     y, metrics = moe_lib.MoeLayer(self.moe, spec.mlp_dim, rate,
                                   spec.compute_dtype, self.moe_sharding, name='Moe')(
-                                      y, train=train, labels=labels)
+                                      y, train=train, labels=labels, routing=routing)
     return x + y, metrics
 
 
@@ -80,14 +82,14 @@ def remat_block(remat: str):
   does not save (REMAT), trading compute for activation memory."""
   if remat == 'none':
     return EncoderBlock
-  return nn.remat(EncoderBlock, policy=REMAT[remat], static_argnums=(3,))  # self=0.
+  return nn.remat(EncoderBlock, policy=REMAT[remat], static_argnums=(4,))  # self=0.
 
 
 class _Unit(nn.Module):
   """One step of a scanned segment: blocks `block_{j}` in turn (vmoe/nn/scan.py); with
   remat, the whole unit is rematerialised.
 
-  __call__(x [B, T, D], labels) -> (x, tuple of each block's metrics or None).
+  __call__(x [B, T, D], labels, routing) -> (x, tuple of each block's metrics or None).
   """
   spec: spec_lib.EncoderSpec
   moe: tuple[Optional[spec_lib.MoeSpec], ...]  # Of each block of the unit.
@@ -95,11 +97,11 @@ class _Unit(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, x: Array, labels: Optional[Array]):
+  def __call__(self, x: Array, labels: Optional[Array], routing):
     metrics = []
     for j, moe in enumerate(self.moe):
       x, m = EncoderBlock(self.spec, moe, self.moe_sharding, name=f'block_{j}')(
-          x, labels, self.train)
+          x, labels, routing, self.train)
       metrics.append(m)
     return x, tuple(metrics)
 
@@ -109,6 +111,10 @@ class Encoder(nn.Module):
 
   spec.scan: run repeated units of blocks with nn.scan (vmoe/nn/scan.py: names, layout);
   spec.remat: a REMAT policy name applied to every block (every unit when scanned).
+  With one per-image router for the whole MoE part (spec.moe.model_router, Mobile V-MoE)
+  the encoder routes the images once, `image_router` reading the tokens entering the
+  first MoE block (after `image_router_norm`), and hands the decision to every MoE block;
+  its metrics are metrics['image_router'].
   """
   spec: spec_lib.EncoderSpec
   moe_sharding: Optional[moe_lib.Sharding] = None
@@ -117,7 +123,18 @@ class Encoder(nn.Module):
     """The scanned segments (none without scan); MoE blocks differ from dense ones."""
     if not self.spec.scan:
       return ()
-    return scan_lib.layout([i in self.spec.moe_layers for i in range(self.spec.num_layers)])
+    kinds = [i in self.spec.moe_layers for i in range(self.spec.num_layers)]
+    cut = self._router_block()
+    if cut is None:
+      return scan_lib.layout(kinds)
+    # The image router reads the input of the first MoE block: no segment spans it.
+    after = scan_lib.layout(kinds[cut:])
+    return scan_lib.layout(kinds[:cut]) + tuple(s._replace(start=s.start + cut) for s in after)
+
+  def _router_block(self) -> Optional[int]:
+    """The block before which the encoder routes the images (model router), or None."""
+    moe = self.spec.moe
+    return min(self.spec.moe_layers) if moe is not None and moe.model_router else None
 
   @nn.compact
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
@@ -132,29 +149,45 @@ class Encoder(nn.Module):
       emb = jnp.pad(emb, ((x.shape[1] - emb.shape[0], 0), (0, 0)))
       x = x + emb[None]
     x = nn.Dropout(spec.dropout_rate, deterministic=not train)(x)
-    metrics = {}
+    metrics, routing = {}, None
     segments = {s.start: s for s in self.segments()}
     i = 0
     while i < spec.num_layers:
+      if i == self._router_block():
+        routing, metrics['image_router'] = self._route_images(x, train, labels)
       seg = segments.get(i)
       if seg is None:
         x, m = remat_block(spec.remat)(spec, spec.moe_at(i), self.moe_sharding,
-                                       name=f'encoderblock_{i}')(x, labels, train)
+                                       name=f'encoderblock_{i}')(x, labels, routing, train)
         if m is not None:
           metrics[f'encoderblock_{i}'] = m
         i += 1
         continue
-      x, ms = self._scan(seg, train)(x, labels)
+      x, ms = self._scan(seg, train)(x, labels, routing)
       for k in range(seg.repeats):  # Per-layer metrics keep their unscanned keys.
         for j, m in enumerate(ms):
           if m is not None:
             metrics[f'encoderblock_{seg.layer(k, j)}'] = jax.tree.map(lambda v: v[k], m)
       self._unscan_intermediates(seg)
       i += seg.period * seg.repeats
-    aux = [metrics[k]['auxiliary_loss'] for k in sorted(
-        metrics, key=lambda k: int(k.rsplit('_', 1)[1]))]
+    layers = sorted((k for k in metrics if k.startswith('encoderblock_')),
+                    key=lambda k: int(k.rsplit('_', 1)[1]))
+    aux = [metrics[k]['auxiliary_loss'] for k in layers + ['image_router']
+           if 'auxiliary_loss' in metrics.get(k, {})]
     metrics['auxiliary_loss'] = sum(aux[1:], aux[0]) if aux else jnp.zeros((), x.dtype)
     return nn.LayerNorm(name='encoder_norm')(x), metrics
+
+  @nn.nowrap
+  def _route_images(self, x: Array, train: bool, labels: Optional[Array]):
+    """x: [B, T, D] entering the first MoE block -> (ImageRouting, [G] metrics)."""
+    moe = self.spec.moe
+    b, t, d = x.shape
+    xg = nn.LayerNorm(name='image_router_norm')(x).reshape(b * t // moe.group_size,
+                                                           moe.group_size, d)
+    if self.moe_sharding is not None:
+      xg = self.moe_sharding.groups(xg)
+    return per_image.PerImageRouter(**moe.router_kwargs(), name='image_router')(
+        xg, train=train, labels=labels)
 
   def _scan(self, seg: scan_lib.Segment, train: bool) -> nn.Module:
     remat = self.spec.remat

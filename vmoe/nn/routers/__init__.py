@@ -4,15 +4,16 @@ A router never touches the experts: it returns a routing object of vmoe/nn/routi
 a dict of per-group metrics ([G] arrays). 'auxiliary_loss' [G] is the weighted sum of the
 router's losses that the trainer adds to the classification loss. Every router is called
 as router(x, train=..., labels=None | int [B]); only super-class guided routing reads the
-labels.
+labels. PerImageRouter returns a routing.ImageRouting (its choices, and their token-level
+SparseRouting with the capacity applied).
 
 Its attributes are its config options (vmoe.nn.models fills in the defaults; the common
 ones are those of common.Router) and what vmoe.nn.models resolves for it: `num_experts`,
-`capacity` (slots per expert), and where the router has them, `batch_priority` and
-`tokens_per_image`. The class attribute SLOTS says what fills the slots, hence how the
-capacity is counted: 'choices' (the S x K choices of the tokens of a group), 'tokens'
-(experts choose among the S tokens), 'images' (the K choices of each of the S / T images),
-'soft' (Soft MoE's mixed slots).
+`capacity` (slots per expert), and where the router has them, `batch_priority`,
+`tokens_per_image` and `class_token`. The class attribute SLOTS says what fills the
+slots, hence how the capacity is counted: 'choices' (the S x K choices of the tokens of
+a group), 'tokens' (experts choose among the S tokens), 'images' (the K choices of each
+of the S / T images), 'soft' (Soft MoE's mixed slots).
 
 The reference's class names are aliases (ALIASES), and the reference's options that
 mean nothing here are accepted with no effect (INERT, docs/routers.md).
@@ -45,7 +46,7 @@ ALIASES = {
         'KSparseTransportTopExpertsPerItemRouter',
 }
 # Attributes filled in from the resolved model config, not config options.
-RESOLVED = ('num_experts', 'capacity', 'batch_priority', 'tokens_per_image')
+RESOLVED = ('num_experts', 'capacity', 'batch_priority', 'tokens_per_image', 'class_token')
 # Options of the reference's routers that have no meaning here: accepted with no effect
 # (and logged once at start-up), {option: why}.
 INERT = {

@@ -115,6 +115,17 @@ def routing_metrics(routing: routing_lib.SparseRouting, num_tokens: int) -> dict
   }
 
 
+def image_metrics(routing: routing_lib.ImageRouting, num_experts: int) -> dict:
+  """routing_metrics of the chosen-experts path: nothing is dropped, and each expert's
+  load is its share of the group's image choices."""
+  g = routing.tokens.slot_token.shape[0]
+  b, k = routing.expert.shape
+  per_expert = jnp.sum(jax.nn.one_hot(routing.expert, num_experts), axis=1)  # [B, E]
+  per_expert = jnp.sum(per_expert.reshape(g, b // g, num_experts), axis=1)
+  return {'dropped_tokens': jnp.zeros((g,), jnp.float32),
+          'expert_load': per_expert / (b // g * k)}
+
+
 def expert_choice_metrics(routing: routing_lib.SparseRouting, num_tokens: int,
                           num_experts: int) -> dict:
   """Per-group statistics of routers where experts pick tokens (names of the reference)."""

@@ -1,10 +1,17 @@
 """Per-image routing (Mobile V-MoE, arXiv 2309.04354).
 
-One decision per image: the router reads one vector per image (its class token or the
-mean of its tokens entering the layer), picks K experts, and every token of the image goes
-to them. Capacity counts images (C_img slots of T tokens each). Optional super-class
-guidance replaces the balancing losses by a cross-entropy between the router's softmax and
-the image's super-class (one super-class per expert).
+One decision per image: the router reads one vector per image (its class token, or the
+mean of its patch tokens), picks K experts, and every token of the image goes to them.
+Capacity counts images (C_img slots of T tokens each). Optional super-class guidance
+replaces the balancing losses by a cross-entropy between the router's softmax and the
+image's super-class (one super-class per expert).
+
+scope 'model' (the paper's, the default): one router for the whole MoE part, at
+`Encoder/image_router`, reads the representation entering the first MoE block (after a
+LayerNorm, `Encoder/image_router_norm`), and every MoE layer sends the image to the same
+K experts (expert e of every layer); its losses count once. scope 'layer': each MoE layer
+has its own router (`Moe/Router`) reading that layer's input, so an image may use
+different experts in different layers (kept for comparison, docs/routers.md).
 """
 import json
 import os
@@ -19,6 +26,7 @@ from vmoe.nn.routers.common import Router, importance_loss, load_loss
 
 Array = jax.Array
 IMAGE_REPRS = ('mean', 'token')
+SCOPES = ('model', 'layer')
 
 
 def load_superclasses(spec: Union[str, Sequence[int]], num_classes: int,
@@ -64,14 +72,19 @@ class PerImageRouter(Router, kw_only=True):
   """K experts per image. labels (int [B]) are needed in training with superclasses.
 
   capacity: C_img image slots per expert, filled by the n x K choices of the n = S / T
-  images of a group (vmoe.nn.models); tokens_per_image: T. superclasses: the class ->
-  super-class table (the config's file or list, resolved by vmoe.nn.models), or None.
+  images of a group (vmoe.nn.models); tokens_per_image: T; class_token: token 0 of each
+  image is the class token (classifier 'token'). image_repr: 'token' (the class token)
+  or 'mean' (of the patch tokens). superclasses: the class -> super-class table (the
+  config's file or list, resolved by vmoe.nn.models), or None. scope: see above (read by
+  the encoder; the router itself decides the same way in both).
   """
   SLOTS = 'images'
   tokens_per_image: int
+  class_token: bool = False
   batch_priority: bool = False
   num_selected_experts: int = 1
   image_repr: str = 'mean'
+  scope: str = 'model'
   importance_loss_weight: float = 0.005
   load_loss_weight: float = 0.005
   superclasses: Optional[tuple[int, ...]] = None
@@ -79,12 +92,15 @@ class PerImageRouter(Router, kw_only=True):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None):
-    """x: [G, S, D], S = n images x T tokens -> (SparseRouting, metrics of [G] arrays)."""
+    """x: [G, S, D], S = n images x T tokens -> (ImageRouting, metrics of [G] arrays)."""
     g, s, d = x.shape
     t, k, e = self.tokens_per_image, self.num_selected_experts, self.num_experts
     n = s // t
     xi = x.reshape(g, n, t, d)
-    xi = jnp.mean(xi, axis=2) if self.image_repr == 'mean' else xi[:, :, 0]
+    if self.image_repr == 'token':
+      xi = xi[:, :, 0]
+    else:
+      xi = jnp.mean(xi[:, :, int(self.class_token):], axis=2)
     logits = self.gating_logits(xi)  # [G, n, E]
     gates_clean = jax.nn.softmax(logits)
     gates, metrics = gates_clean, {}
@@ -109,4 +125,7 @@ class PerImageRouter(Router, kw_only=True):
         aux = aux + self.load_loss_weight * metrics['load_loss']
     metrics['auxiliary_loss'] = aux
     routing = routing_lib.top_experts_per_item(gates, k, self.capacity, self.batch_priority)
-    return expand_to_tokens(routing, t), self.with_z_loss(metrics, logits)
+    weight, expert = jax.lax.top_k(gates, k)  # The same choices, capacity aside.
+    return routing_lib.ImageRouting(
+        expert.reshape(g * n, k).astype(jnp.int32), weight.reshape(g * n, k),
+        expand_to_tokens(routing, t)), self.with_z_loss(metrics, logits)
