@@ -99,3 +99,18 @@ def test_resume_with_another_scan_layout_names_the_setting(tmp_path):
                      r'encoder blocks, but the model is unscanned.*model.encoder.scan'):
     again.restore_latest(abstract(make_state(4, unscanned)))
   again.close()
+
+
+def test_resume_with_another_per_image_router_layout_names_the_setting(tmp_path):
+  # Written with a per-image router in every MoE layer (scope 'layer'), resumed with one
+  # for the whole MoE part (scope 'model', Mobile V-MoE's).
+  kernel = {'dense': {'kernel': jnp.ones((4, 2))}}
+  per_layer = {'Encoder': {'encoderblock_1': {'Moe': {'Router': kernel}}}}
+  per_model = {'Encoder': {'image_router': kernel, 'encoderblock_1': {'Moe': {}}}}
+  ckpt = training.TrainCheckpointer(str(tmp_path), every_steps=1)
+  ckpt.save(3, make_state(3, per_layer))
+  ckpt.close()
+  again = training.TrainCheckpointer(str(tmp_path), every_steps=1)
+  with pytest.raises(ValueError, match=r"(?s)step 3 .*scope='layer'"):
+    again.restore_latest(abstract(make_state(3, per_model)))
+  again.close()

@@ -44,6 +44,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vmoe.nn import models
 from vmoe.nn import scan as scan_lib
 from vmoe.utils import files
 
@@ -163,10 +164,12 @@ class TrainCheckpointer:
     return None
 
   def _check_scan_layout(self, step: int, abstract_state: PyTree):
-    """The scan-layout error (vmoe.nn.scan) if that is why `step` cannot be read.
+    """The scan-layout error (vmoe.nn.scan), or the per-image router layout's
+    (vmoe.nn.models.router_layout_hint), if that is why `step` cannot be read.
 
-    Only called once every step failed: a changed model.encoder.scan fails them all
-    alike, and orbax's own error (a tree structure mismatch) does not say so.
+    Only called once every step failed: a changed model.encoder.scan or router scope
+    fails them all alike, and orbax's own error (a tree structure mismatch) does not say
+    so.
     """
     params = getattr(abstract_state, 'params', None)
     if params is None:
@@ -175,8 +178,12 @@ class TrainCheckpointer:
       saved = params_metadata(os.path.join(self.directory, str(step)))
     except Exception:  # pylint: disable=broad-except  # Unreadable: the caller's error says why.
       return
-    scan_lib.check_same_layout(saved, traverse_util.flatten_dict(params, sep='/'),
-                               f'Checkpoint step {step} in {self.directory}')
+    want = traverse_util.flatten_dict(params, sep='/')
+    scan_lib.check_same_layout(saved, want, f'Checkpoint step {step} in {self.directory}')
+    hint = models.router_layout_hint(set(want) - set(saved), set(saved) - set(want))
+    if hint:
+      raise ValueError(f'Checkpoint step {step} in {self.directory} does not fit the '
+                       f'model.{hint}')
 
   def _check_seed(self, step: int, meta: dict):
     # Checkpoints written before the seed was stored have none: nothing to check.
