@@ -89,9 +89,9 @@ class ExpertMlp(nn.Module):
       h = jnp.broadcast_to(x[:, None], (x.shape[0], experts.shape[1], *x.shape[1:]))
     # One mask shared by the experts (axis 0 of the buffers, K of the chosen experts);
     # ragged rows have no expert axis to share it over: each row draws its own.
-    shared = {True: (0,), False: (1,) if experts is not None else ()}[buffers]
-    if 'dropout' in self.split_rngs:
-      shared = ()
+    shared = ()
+    if 'dropout' not in self.split_rngs:
+      shared = (0,) if buffers else (1,) if experts is not None else ()
     dropout = nn.Dropout(self.dropout_rate, broadcast_dims=shared, deterministic=not train)
     h = nn.gelu(dense(self.mlp_dim, 'Dense_0')(h, group_sizes, experts))
     h = dropout(h)

@@ -134,7 +134,7 @@ class MoeLayer(nn.Module):
     if buffers:
       x_in = _to_experts(x_in, self.sharding)
     y = experts(x_in.astype(x.dtype), train=train, group_sizes=dispatcher.group_sizes,
-                experts=getattr(dispatcher, 'experts', None))
+                experts=dispatcher.experts)
     y = y.astype(io_dtype)
     out = dispatcher.combine(_to_groups(y, self.sharding) if buffers else y)
     out = out.astype(x.dtype).reshape(b, t, d)

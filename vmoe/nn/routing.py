@@ -153,8 +153,10 @@ class ImageRouting:
 
 class Buffers:
   """Dispatch into buffers [G, E, C, D] (on a mesh, the MoE layer moves them to the
-  experts' devices and back); `group_sizes` is for ragged rows only."""
+  experts' devices and back). What the experts take besides the tokens: `group_sizes`
+  (ragged rows) or `experts` (chosen experts per image), None here."""
   group_sizes = None
+  experts = None
 
   def __init__(self, routing, num_tokens: int):
     self.routing, self.num_tokens = routing, num_tokens
@@ -208,6 +210,8 @@ class Gather(Buffers):
 class Ragged:
   """'ragged': x [G, S, D] -> rows [N, D] sorted by expert (`group_sizes` [E] rows per
   expert, for jax.lax.ragged_dot), and back. Needs K choices per token (token choice)."""
+
+  experts = None
 
   def __init__(self, routing: SparseRouting, num_tokens: int):
     del num_tokens  # The rows and token_row say everything.
