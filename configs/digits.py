@@ -32,8 +32,10 @@ top_k_zloss (router z-loss 1e-3), top_k_bias (bias balancing, no balancing losse
 top_k_unbalanced (neither), expert_choice, sinkhorn_tc, sinkhorn_ec, sparse_ec,
 ksparse_ec, ksparse_tc, soft, per_image (Mobile V-MoE: one router per image for the
 MoE part), per_image_superclass (with super-class guidance), per_image_layer and
-per_image_layer_superclass (a per-image router in each MoE layer), shared_expert, or dense
-for a plain ViT) or a router class of vmoe.nn.routers.ROUTERS (or the reference's name of
+per_image_layer_superclass (a per-image router in each MoE layer), shared_expert, e3
+(E3, Efficient Ensembles of Experts: the 8 experts split into 2 ensemble members, K=1 per
+member, its own k, docs/e3.md), top_1 (the V-MoE with E3's E and K), or dense for a
+plain ViT) or a router class of vmoe.nn.routers.ROUTERS (or the reference's name of
 one); num_experts=8; k=2 (experts per token;
 routers without that option get capacity factor times k instead);
 capacity_factor=1.05; mixup=0.2 (its concentration; 0: no mixup); fewshot=True
@@ -122,4 +124,4 @@ def get_config(arg=None):
   config.save_checkpoint.keep_last = 2
   config.evaluate.every_steps = 500
   config.report_progress.every_steps = 250
-  return config
+  return common.with_ensemble(config)  # router=e3: groups of 4 images and their copies.

@@ -10,14 +10,16 @@ balancing study is `--section=balancing --capacity_factor=4 --variants=top_k,
 top_k_zloss,top_k_bias,top_k_unbalanced`: with room for every choice, the experts' loads
 are the router's own, not capped by the capacity; the Mobile V-MoE study is
 `--section=per_image --variants=dense,top_k,per_image,per_image_superclass,
-per_image_layer,per_image_layer_superclass`).
+per_image_layer,per_image_layer_superclass`; the E3 study `--section=e3
+--variants=dense,top_1,top_k,e3`).
 
 Each run is `python -m vmoe.main --config=configs/digits.py:router=NAME` in its own
 workdir (kept, so a killed comparison resumes where it stopped). The `*_superclass`
 variants use super-classes derived by `python -m vmoe.tools.superclasses` from the test-set
 confusion of the dense run of the same seed: which classes get confused is test
 information, a mild leak accepted because digits has no validation split. Results:
-docs/routers.md (mean and std of test accuracy, step time, parameters, active forward
+docs/routers.md (mean and std of test accuracy, negative log-likelihood and expected
+calibration error (15 bins), step time, parameters, active forward
 GFLOPs per image, the busiest expert's load over the last report window of training as a
 multiple of the mean load 1/E) and docs/routers{,_SECTION}.png.
 """
@@ -40,7 +42,7 @@ from vmoe.utils import files  # noqa: E402  # pylint: disable=wrong-import-posit
 VARIANTS = ('dense', 'top_k', 'top_k_bpr', 'top_k_zloss', 'top_k_bias', 'top_k_unbalanced',
             'expert_choice', 'soft', 'sinkhorn_tc', 'sinkhorn_ec', 'sparse_ec', 'ksparse_ec',
             'ksparse_tc', 'per_image', 'per_image_superclass', 'per_image_layer',
-            'per_image_layer_superclass', 'shared_expert')
+            'per_image_layer_superclass', 'shared_expert', 'top_1', 'e3')
 NUM_EXPERTS = 8  # configs/digits.py's default: one super-class per expert.
 
 
@@ -102,16 +104,20 @@ def main():
     raise SystemExit(f'Unknown variants {unknown}; valid: {VARIANTS}.')
   rows = {}
   for name in variants:
-    accs, step_s, params, loads = [], [], None, []
+    accs, nlls, eces, step_s, params, loads = [], [], [], [], None, []
     for seed in seeds:
       arg = (superclasses_of(seed, args.train_steps, args.out_dir)
              if name.endswith('_superclass') else '')
       _, m = train(name, seed, args.train_steps, args.out_dir, arg + cf)
       accs.append(m['test']['prec@1'])
+      nlls.append(m['test']['loss'])
+      eces.append(m['test']['ece'])
       step_s.append(m.get('train_seconds_per_step', float('nan')))
       params = m.get('num_params', params)
       loads.append(busiest_load(m))
     rows[name] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), accs=accs,
+                      nll=float(np.mean(nlls)), nll_std=float(np.std(nlls)),
+                      ece=float(np.mean(eces)), ece_std=float(np.std(eces)),
                       step_ms=1e3 * float(np.nanmedian(step_s)), params=params,
                       gflops=describe(name, cf), loads=loads)
   write_doc(rows, seeds, args)
@@ -134,15 +140,17 @@ def write_doc(rows, seeds, args):
   suffix = '' if args.section == 'results' else f'_{args.section}'
   png = os.path.splitext(args.doc)[0] + suffix + '.png'
   files.save_figure(fig, png)
-  lines = ['| variant | test prec@1 (mean ± std) | per seed | step time (ms) | params | '
-           'GFLOPs / image | busiest expert (x 1/E), per seed |',
-           '|---|---|---|---|---|---|---|']
+  lines = ['| variant | test prec@1 (mean ± std) | per seed | test NLL | test ECE | '
+           'step time (ms) | params | GFLOPs / image | busiest expert (x 1/E), per seed |',
+           '|---|---|---|---|---|---|---|---|---|']
   for n in names:
     r = rows[n]
     loads = ('-' if None in r['loads']
              else ', '.join(f'{v:.2f}' for v in r['loads']))
     lines.append(f'| {n} | {100 * r["mean"]:.2f} ± {100 * r["std"]:.2f} | '
                  + ', '.join(f'{100 * a:.1f}' for a in r['accs'])
+                 + f' | {r["nll"]:.4f} ± {r["nll_std"]:.4f}'
+                 + f' | {r["ece"]:.4f} ± {r["ece_std"]:.4f}'
                  + f' | {r["step_ms"]:.1f} | {r["params"]} | {r["gflops"]:.5f} | {loads} |')
   table = '\n'.join(lines)
   print(table)

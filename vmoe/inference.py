@@ -5,13 +5,19 @@ import jax
 import numpy as np
 
 from vmoe.checkpoints import sources
+from vmoe.nn import ensemble
 from vmoe.nn import models
 
 
 def load_classifier(checkpoint: str, model_config: Any,
-                    overrides: Optional[Mapping[str, Any]] = None
+                    overrides: Optional[Mapping[str, Any]] = None, *, members: bool = False
                     ) -> Callable[[np.ndarray], np.ndarray]:
   """Returns f(images float32 [B, H, W, 3]) -> logits float32 [B, classes], eval mode.
+
+  An E3 model (name 'VisionTransformerMoeEnsemble', M = encoder.moe.ensemble_size) gives
+  the ensemble prediction, log of the members' mean softmax probability [B, classes]
+  (the reference's ensemble evaluation); with members=True each member's logits
+  [B, M, classes] instead. members=True on another model is an error.
 
   checkpoint: a released legacy prefix (PREFIX.index + PREFIX.data-*), one of our
     checkpoint directories (WORKDIR/checkpoints/<step>) or a WORKDIR (its latest).
@@ -20,7 +26,11 @@ def load_classifier(checkpoint: str, model_config: Any,
     {'encoder.moe.router.dispatcher.capacity_factor': 0.5}.
   The function is jitted (one compilation per input shape).
   """
-  models.resolve(model_config, overrides=overrides)  # A bad config fails before any read.
+  spec = models.resolve(model_config, overrides=overrides)  # Fails before any read.
+  m = spec.ensemble_size
+  if members and spec.name != models.ENSEMBLE:
+    raise ValueError(f'load_classifier(members=True) needs an E3 model (name '
+                     f"'{models.ENSEMBLE}'); {spec.name!r} has no ensemble members.")
   where, params = sources.load_params(checkpoint)
   params = jax.device_put(params)
   applies = {}  # Image size -> the jitted model for it.
@@ -35,7 +45,13 @@ def load_classifier(checkpoint: str, model_config: Any,
     if size not in applies:
       models.check_params(params, spec, where)
       model = models.build(spec)
-      applies[size] = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
+      def apply(p, x):
+        logits = model.apply({'params': p}, x, train=False)[0]
+        if members:
+          return ensemble.members(logits, m)
+        return ensemble.log_mean(jax.nn.log_softmax(ensemble.members(logits, m))
+                                 ) if m > 1 else logits
+      applies[size] = jax.jit(apply)
     return np.asarray(applies[size](params, images))
 
   return classify

@@ -353,3 +353,23 @@ def test_balance_biases_a_checkpoint_lacks_start_at_zero(tmp_path):
   np.testing.assert_array_equal(_flat(params)[bias], 7.0)  # The model's own init.
   assert bias in report.initialized
   assert set(_flat(target)) - set(source) == {bias}
+
+
+def test_reshape_to_the_models_shape_loads_an_e3_router(tmp_path):
+  """The reference's E3 fine-tuning rule ('reshape' without a shape): a router kernel
+  [D, E] becomes the E3 model's [D, M, E/M], and the reference's E3 logits follow."""
+  c = json.load(open(f'{REF}/eee_tiny_config.json'))
+  config = dict(c['model_kwargs'], name=c['model'])
+  images = np.load(f'{REF}/eee_tiny_inputs.npy')
+  flat = _flat(legacy.restore(f'{REF}/eee_tiny'))
+  router = [k for k in flat if k.endswith('/Moe/Router/dense/kernel')]
+  assert router and all(flat[k].shape == (32, 2, 2) for k in router)
+  path = _npz(tmp_path / 'flat_router.npz',
+              {k: v.reshape(32, 4) if k in router else v for k, v in flat.items()})
+  model = models.build_model(config, images.shape[1:3])
+  target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))['params']
+  params, report = ini.initialize(target, _random(target, 0), {
+      'source': 'npz', 'path': path, 'rules': [('reshape', '/Moe/Router/dense/kernel$')]})
+  assert report.loaded[router[0]] == f'{router[0]} | reshape(32, 2, 2)'
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])(params, images)
+  np.testing.assert_allclose(logits, np.load(f'{REF}/eee_tiny_logits.npy'), atol=1e-5, rtol=0)

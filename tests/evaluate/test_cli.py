@@ -173,3 +173,33 @@ def test_load_params_accepts_a_workdir_and_a_step_directory(workdir, tmp_path):
   assert any(changed)  # Step 8 (latest) is not step 4.
   with pytest.raises(ValueError, match='No checkpoint at .*a WORKDIR'):
     sources.load_params(str(tmp_path))
+
+
+def test_e3_trains_sweeps_and_analyses_on_8_devices(env, tmp_path):
+  """E3 (configs/digits.py:router=e3, E=4 split between 2 members): the final metrics
+  hold the ensemble's and each member's accuracy, NLL and ECE; the sweep's training
+  variant reproduces them on 8 devices; the routing analysis reads the members' tokens."""
+  workdir = str(tmp_path / 'e3')
+  flags = [f.replace(CONFIG_ARG, 'configs/digits.py:num_experts=4,router=e3') for f in FLAGS]
+  run('vmoe.main', f'--workdir={workdir}', *flags, '--config.fewshot.every_steps=100',
+      env=env)
+  final = json.load(open(os.path.join(workdir, 'final_metrics.json')))['test']
+  for key in ('prec@1', 'loss', 'ece', 'member_0/prec@1', 'member_1/loss', 'member_1/ece'):
+    assert np.isfinite(final[key]), key
+  assert 0 <= final['ece'] <= 1 and final['num_examples'] == 360
+  run('vmoe.evaluate', f'--workdir={workdir}', *flags, '--analyze',
+      '--sweep=capacity_factor=0.5,1.05;num_selected_experts=1,2', env=env, devices=8)
+  rows = read_csv(os.path.join(workdir, 'eval', 'sweep.csv'))
+  trained = next(r for r in rows if r['capacity_factor'] == '1.05'
+                 and r['num_selected_experts'] == '1')
+  np.testing.assert_allclose(float(trained['accuracy']), final['prec@1'], atol=1e-6)
+  np.testing.assert_allclose(float(trained['ece']), final['ece'], atol=1e-6)
+  k2 = next(r for r in rows if r['capacity_factor'] == '1.05'
+            and r['num_selected_experts'] == '2')
+  assert float(k2['gflops_per_image']) > float(trained['gflops_per_image'])
+  layer = json.load(open(os.path.join(workdir, 'eval', 'routing.json')))['layers'][
+      'encoderblock_1']
+  np.testing.assert_allclose(sum(layer['expert_load']), 1.0, atol=1e-9)
+  np.testing.assert_allclose(layer['dropped_fraction'], final['dropped/encoderblock_1'],
+                             atol=1e-6)
+  assert layer['gate_entropy'] is not None

@@ -38,3 +38,20 @@ def test_flops_follow_capacity_and_k():
   assert full - flops.flops_per_image(low) == pytest.approx(4 * mlp_slot)
   assert flops.flops_per_image(k1) < full
   assert flops.moe_slots_per_image(low) == 6
+
+
+def test_e3_counts_every_block_from_the_first_moe_block_once_per_member():
+  """E3 with MoE from block 0: all but the patch embedding runs M times, each copy like a
+  V-MoE of the member's E/M experts (same capacity per copy)."""
+  def config(name, e, s, **moe):
+    return dict(name=name, num_classes=10, patch_size=(4, 4), hidden_size=16,
+                classifier='token', encoder=dict(num_layers=2, mlp_dim=32, num_heads=2, moe=dict(
+                    layers=(0, 1), num_experts=e, group_size=s, **moe, router=dict(
+                        num_selected_experts=1, dispatcher=dict(capacity_factor=1.0)))))
+  e3 = models.resolve(config('VisionTransformerMoeEnsemble', 4, 40, ensemble_size=2),
+                      image_size=(8, 8))
+  plain = models.resolve(config('VisionTransformerMoe', 2, 20), image_size=(8, 8))
+  assert e3.encoder.moe.capacity == plain.encoder.moe.capacity
+  embedding = 2 * 4 * 16 * 3 * 16
+  assert flops.flops_per_image(e3) == embedding + 2 * (flops.flops_per_image(plain)
+                                                       - embedding)

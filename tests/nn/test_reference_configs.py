@@ -16,8 +16,6 @@ from vmoe.nn import models
 
 FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'fixtures',
                                          'reference_configs', '*.json')))
-# E3 (VisionTransformerMoeEnsemble) is a model of its own, not built yet.
-NOT_YET = {'eee_s32_last2_ilsvrc2012_ft_cifar100.json'}
 
 
 def _load(path):
@@ -25,8 +23,7 @@ def _load(path):
     return json.load(f)
 
 
-@pytest.mark.parametrize('path', [p for p in FIXTURES if os.path.basename(p) not in NOT_YET],
-                         ids=os.path.basename)
+@pytest.mark.parametrize('path', FIXTURES, ids=os.path.basename)
 def test_reference_config_builds_the_reference_param_tree(path):
   ref = _load(path)
   model = vmoe.build_model(ref['model'], image_size=(ref['image_size'],) * 2)
@@ -89,7 +86,9 @@ def test_other_paper_configs_build(variant, patch, where, num, image_size):
   assert f'Encoder/encoderblock_{moe_layers[-1]}/Moe/Router/dense/kernel' in shapes
 
 
-def test_e3_config_is_rejected_until_e3_is_built():
-  ref = _load(next(p for p in FIXTURES if os.path.basename(p) in NOT_YET))
-  with pytest.raises(ValueError, match="model.name='VisionTransformerMoeEnsemble' is unknown"):
-    vmoe.build_model(ref['model'], image_size=(ref['image_size'],) * 2)
+def test_e3_config_builds_the_e3_model():
+  ref = _load(next(p for p in FIXTURES if 'eee' in p))
+  model = vmoe.build_model(ref['model'], image_size=(ref['image_size'],) * 2)
+  assert model.spec.ensemble_size == 2 and model.spec.encoder.moe.num_experts == 8
+  # ref['batch_size'] images fill whole groups (with their 2 copies each).
+  assert model.spec.groups(ref['batch_size']) >= 1

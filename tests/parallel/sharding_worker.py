@@ -17,6 +17,7 @@ import optax
 from vmoe.configs import common
 from vmoe.nn import models
 from vmoe.parallel import mesh as mesh_lib
+from vmoe.train import losses
 from vmoe.train import step as step_lib
 from vmoe.train import train_state as train_state_lib
 
@@ -36,7 +37,10 @@ def model_config(router: str, num_layers: int = 1, chosen_experts=None, **encode
                           group_size=16, num_selected_experts=2, capacity_factor=1.0)
   if chosen_experts is not None:
     moe.router.dispatcher.chosen_experts = chosen_experts
-  return dict(name='VisionTransformerMoe', num_classes=10, patch_size=(2, 2),
+  ensemble = router == 'e3'  # Groups of one image's 2 copies.
+  moe.group_size *= 2 if ensemble else 1
+  return dict(name='VisionTransformerMoeEnsemble' if ensemble else 'VisionTransformerMoe',
+              num_classes=10, patch_size=(2, 2),
               hidden_size=16, classifier='gap', representation_size=None,
               head_kernel_zero_init=False,
               encoder=dict(num_layers=num_layers, mlp_dim=32, num_heads=1,
@@ -62,7 +66,9 @@ def loss_fn(model):
     rngs = {'gating': jax.random.PRNGKey(1), 'dropout': jax.random.PRNGKey(2)}
     logits, metrics = model.apply({'params': params}, batch['image'], train=True,
                                   rngs=rngs)
-    xent = jnp.mean(optax.softmax_cross_entropy(logits, batch['labels']))
+    m = model.spec.ensemble_size  # E3: each member's cross-entropy.
+    loss = losses.Loss('ensemble_softmax_xent' if m > 1 else 'softmax_xent', m)
+    xent = jnp.mean(loss.train(logits, batch['labels']))
     return xent + jnp.mean(metrics['auxiliary_loss'])
   return jax.value_and_grad(loss)
 
@@ -88,7 +94,9 @@ def main():
        {'data2_expert4': MESHES['data2_expert4']})] + [
       (f'per_image_{"chosen" if c else "buffers"}',
        model_config('per_image', num_layers=4, chosen_experts=c),
-       {'data2_expert4': MESHES['data2_expert4']}) for c in (False, True)]
+       {'data2_expert4': MESHES['data2_expert4']}) for c in (False, True)] + [
+      # E3: 2 members of 4 experts each, the batch repeated before block 1.
+      ('e3', model_config('e3', num_layers=4), {'data2_expert4': MESHES['data2_expert4']})]
   for router, config, meshes in cases:
     model = models.build_model(config, IMAGE[:2])
     params = random_params(model, seed=1)
@@ -135,7 +143,7 @@ def train_step_shardings(batch) -> dict:
   batch_sharding = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
   step = jax.jit(step_lib.make_train_step(
       model.clone(moe_sharding=mesh_lib.moe_sharding(mesh)), tx, lambda s: 1e-3,
-      optax.softmax_cross_entropy, seed=0, rng_names=('gating',), mixup_config=None,
+      losses.Loss('softmax_xent'), seed=0, rng_names=('gating',), mixup_config=None,
       num_shards=8), in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, None))
   state = jax.device_put(state, state_sharding)

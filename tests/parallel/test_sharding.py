@@ -63,6 +63,12 @@ def test_meshes_give_one_devices_loss_and_gradients(worker):
     assert r['grads_max_rel_diff'] <= TOL and r['grads_follow_params'], r
     assert all(per_device == total // 4 for per_device, total in r['expert_bytes']), r
   assert worker['per_image_buffers/data2_expert4']['all_to_all'] >= 2
+  # E3: the members' experts split over 'expert' alike.
+  r = worker['e3/data2_expert4']
+  assert abs(r['loss'] - r['ref_loss']) <= TOL * max(1.0, abs(r['ref_loss'])), r
+  assert r['grads_max_rel_diff'] <= TOL and r['grads_follow_params'], r
+  assert all(per_device == total // 4 for per_device, total in r['expert_bytes']), r
+  assert r['all_to_all'] >= 2, r
   check_train_step(worker['train_step'])
 
 

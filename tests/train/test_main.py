@@ -51,9 +51,11 @@ def test_console_shows_progress_and_results_and_the_log_file_the_rest(runs, refe
   with open(log) as f:
     text = f.read()
   # Python logs (absl, orbax, TFDS, JAX), TensorFlow's C++ start-up lines, the summary.
-  for line in ('Load dataset info from', 'Saving checkpoint for step 40', 'oneDNN',
+  for line in ('Load dataset info from', 'Saving checkpoint for step 40',
                'Final test: prec@1=', '| Encoder/encoderblock_1/Moe/Mlp/Dense_0/kernel'):
     assert line in text, line
+  # TensorFlow's C++ start-up lines depend on the host's CPU (oneDNN, CPU features; none
+  # once jaxlib has set absl's log level): tests/test_cli.py checks their capture.
   assert text.count('Load dataset info from') == 1  # One builder per dataset and process.
 
 

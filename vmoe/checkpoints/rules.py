@@ -7,7 +7,8 @@ whole rule set is checked against the model without reading any array.
   ('rename', regex, replacement)      re.sub on the names (\\1 groups allowed)
   ('drop', regex)                     the matching tensors are not used
   ('reinit', regex)                   the matching params keep their fresh init
-  ('reshape', regex, shape)           e.g. (-1,) or (E, D, H)
+  ('reshape', regex[, shape])         e.g. (-1,) or (E, D, H); no shape: the model's own
+                                      (the reference's: a router kernel into E3's)
   ('expand_tile', regex, E)           x -> [E, ...x.shape], E copies (sparse upcycling)
   ('stack', regex_with_(?P<i>...), replacement[, axis])   per-layer tensors -> one [L, ...]
   ('unstack', regex, replacement_with_{i}[, axis])        [L, ...] -> L tensors
@@ -78,16 +79,21 @@ def _reinit(tensors, ctx, pattern: str):
   return tensors
 
 
-def _reshape(tensors, ctx, pattern: str, shape):
-  shape = tuple(int(d) for d in shape)
+def _reshape(tensors, ctx, pattern: str, shape=None):
+  """To `shape`, or without one to the model's shape of the same param (e.g. a router
+  kernel [D, E] into an E3 model's [D, M, E/M], as the reference's 'reshape' rule)."""
   for n in matching(tensors, pattern):
     t = tensors[n]
+    if shape is None and n not in ctx.target:
+      raise ValueError(f'reshape {pattern!r}: {n} is not a param of the model, so it has '
+                       'no shape to take; rename it first or give the shape.')
+    want = tuple(int(d) for d in (shape if shape is not None else ctx.target[n].shape))
     new = np.empty(t.shape, bool).reshape(-1)  # Only to resolve -1 the way numpy does.
     try:
-      new = new.reshape(shape).shape
+      new = new.reshape(want).shape
     except ValueError:
       raise ValueError(f'reshape {pattern!r}: {n} of shape {t.shape} cannot become '
-                       f'{shape}.') from None
+                       f'{want}.') from None
     tensors[n] = t.then(new, lambda x, s=new: x.reshape(s), f'reshape{new}')
   return tensors
 

@@ -160,6 +160,11 @@ ROUTER_VARIANTS = {
     'per_image_layer_superclass': ('PerImageRouter', {'scope': 'layer'}, {},
                                    {'layers': 'last'}),
     'shared_expert': ('NoisyTopExpertsPerItemRouter', {}, {}, {'shared_experts': 1}),
+    # E3 (VisionTransformerMoeEnsemble): the E experts split between M=2 members, K=1 per
+    # member; and the V-MoE with the same E and K it is compared with.
+    'e3': ('NoisyTopExpertsPerItemRouter', {'num_selected_experts': 1}, {},
+           {'ensemble_size': 2}),
+    'top_1': ('NoisyTopExpertsPerItemRouter', {'num_selected_experts': 1}, {}, {}),
 }
 
 
@@ -277,6 +282,20 @@ def vmoe_model(*, variant: str, patch: int, image_size: int, num_classes: int,
                          num_selected_experts=num_selected_experts,
                          capacity_factor=capacity_factor, bfloat16=True)),
   ))
+
+
+def with_ensemble(config: ConfigDict) -> ConfigDict:
+  """config made E3 where its MoE has ensemble_size M > 1 (the 'e3' router variant):
+  model.name VisionTransformerMoeEnsemble, group_size times M (a group holds its images'
+  M copies, as the reference counts it) and the ensemble version of config.loss."""
+  moe = config.model.encoder.get('moe') or {}
+  m = moe.get('ensemble_size', 1)
+  if m > 1:
+    config.model.name = 'VisionTransformerMoeEnsemble'
+    moe.group_size *= m
+    if not config.loss.name.startswith('ensemble_'):
+      config.loss.name = f'ensemble_{config.loss.name}'
+  return config
 
 
 def paper_optimizer(*, peak_value: float, warmup_steps: int = 10_000,

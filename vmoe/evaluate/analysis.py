@@ -107,7 +107,9 @@ def moe_intermediates(inter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarra
     layer = {k: v[0] for k, v in moe.items() if isinstance(v, tuple)}
     logits = (moe.get('Router') or {}).get('logits', shared)
     if logits is not None:
-      layer['logits'] = logits[0]
+      logits = logits[0]
+      # E3: each member's router logits [G, S/M, M, E/M], in token order -> [G, S, E/M].
+      layer['logits'] = logits.reshape(logits.shape[0], -1, logits.shape[-1])
     out[name] = layer
   return dict(sorted(out.items(), key=lambda kv: int(kv[0].rsplit('_', 1)[-1])))
 

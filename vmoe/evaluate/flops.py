@@ -6,7 +6,8 @@ slot an expert processes, filled or not, so it follows the capacity actually use
 experts, Soft MoE's dispatch and combine (weighted sums that are part of its algorithm),
 MAP head, pre-logits and head. Not counted: LayerNorm, softmax, GELU, residual adds and the
 sparse dispatch/combine data movement, whose cost depends on the dispatch kind and the
-hardware (with 'indices' dispatch it is a gather, no multiply-adds).
+hardware (with 'indices' dispatch it is a gather, no multiply-adds). E3 (ensemble_size M):
+every block from the first MoE block on, and the head, run once per member, M times.
 """
 from vmoe.nn import spec as spec_lib
 
@@ -19,12 +20,13 @@ def _attention(t: int, d: int, t_kv: int = None) -> int:
 
 def moe_slots_per_image(spec: spec_lib.ModelSpec) -> float:
   """E * C token buffer slots per image of every MoE layer (the same for all layers); the
-  K x T tokens of its chosen experts for per-image routing that always runs them."""
+  K x T tokens of its chosen experts for per-image routing that always runs them. E3:
+  per image copy (one member's)."""
   moe = spec.encoder.moe
   if moe.slots == 'images' and moe.chosen_experts == 'always':
     return moe.num_selected_experts * spec.tokens_per_image
-  images_per_group = moe.group_size / spec.tokens_per_image
-  return moe.num_experts * moe.token_slots / images_per_group
+  copies_per_group = moe.group_size / spec.tokens_per_image
+  return moe.num_experts * moe.token_slots / copies_per_group
 
 
 def flops_per_image(spec: spec_lib.ModelSpec) -> float:
@@ -34,11 +36,13 @@ def flops_per_image(spec: spec_lib.ModelSpec) -> float:
   d, enc, t = spec.hidden_size, spec.encoder, spec.tokens_per_image
   total = 2 * gh * gw * ph * pw * 3 * d  # Patch embedding.
   mlp = 2 * 2 * d * enc.mlp_dim  # Per token: D -> H -> D.
+  m = spec.ensemble_size
+  copies = lambda i: m if enc.moe_layers and i >= min(enc.moe_layers) else 1
   for i in range(enc.num_layers):
-    total += _attention(t, d)
+    total += _attention(t, d) * copies(i)
     moe = enc.moe_at(i)
     if moe is None:
-      total += mlp * t
+      total += mlp * t * copies(i)
       continue
     slots = moe_slots_per_image(spec)
     if moe.slots == 'soft':
@@ -48,14 +52,15 @@ def flops_per_image(spec: spec_lib.ModelSpec) -> float:
     elif moe.slots == 'images':  # One router for all MoE layers with scope 'model'.
       first = i == min(enc.moe_layers)
       router = 2 * d * moe.num_experts if first or not moe.model_router else 0
-    else:
-      router = 2 * t * d * moe.num_experts
-    total += router + mlp * slots + moe.shared_experts * mlp * t
+    else:  # E3: each copy's router scores its member's E / M experts.
+      router = 2 * t * d * moe.num_experts // m
+    total += (router + mlp * slots + moe.shared_experts * mlp * t) * m
+  head = 0
   if spec.classifier == 'map':
-    total += _attention(1, d, t) + mlp
+    head += _attention(1, d, t) + mlp
   if spec.representation_size:
-    total += 2 * d * spec.representation_size
+    head += 2 * d * spec.representation_size
     d = spec.representation_size
   if spec.num_classes:
-    total += 2 * d * spec.num_classes
-  return float(total)
+    head += 2 * d * spec.num_classes
+  return float(total + head * copies(enc.num_layers))

@@ -34,10 +34,11 @@ P = jax.sharding.PartitionSpec
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One variant of a sweep: its changed keys and its eval set, resolved (the model for
-  its images) with the iterable to evaluate it on."""
+  its images) with the iterable to evaluate it on and the run's loss."""
   values: Mapping[str, Any]
   data: config_lib.Data
   iterable: Any  # pipeline.EvalIterable; variants with the same eval config share one.
+  loss: losses.Loss
 
 
 def resolve(config, values: Sequence[Mapping[str, Any]], *, eval_set: str,
@@ -58,7 +59,7 @@ def resolve(config, values: Sequence[Mapping[str, Any]], *, eval_set: str,
                                          name: iterables[cfg].shapes()})
     except (ValueError, TypeError, KeyError) as e:
       raise ValueError(f'Sweep variant {describe(v)} is not a valid config: {e}') from e
-    out.append(Variant(v, run.entry(name), iterables[cfg]))
+    out.append(Variant(v, run.entry(name), iterables[cfg], run.loss))
   return out
 
 
@@ -73,11 +74,10 @@ def run(config, params, variants: Sequence[Variant]) -> list[dict]:
   replicated = jax.sharding.NamedSharding(mesh, P())
   batch_sharding = jax.sharding.NamedSharding(mesh, P('data'))
   params = jax.device_put(params, replicated)
-  loss_fn = losses.LOSSES[config.loss.name]
   rows, progress = [], console.Progress(len(variants), desc='sweep', unit='variant')
   for v in variants:
     step = evaluator.make_eval_step(
-        models.build(v.data.model), loss_fn, params_sharding=replicated,
+        models.build(v.data.model), v.loss, params_sharding=replicated,
         batch_sharding=batch_sharding, routing_stats=True)
     # One pass over the whole eval set (a cached one is filled, not cut short); the
     # compilation it triggers is timed apart.
@@ -101,7 +101,7 @@ def run(config, params, variants: Sequence[Variant]) -> list[dict]:
 def _row(v: Variant, result: Mapping[str, float], compile_s: float, seconds: float) -> dict:
   dropped = {k: r for k, r in result.items() if k.startswith('dropped/')}
   return {**{sweep_spec.short_name(k): x for k, x in v.values.items()},
-          'accuracy': result['prec@1'], 'loss': result['loss'],
+          'accuracy': result['prec@1'], 'loss': result['loss'], 'ece': result['ece'],
           'dropped_mean': float(np.mean(list(dropped.values()))) if dropped else 0.0,
           **dropped,
           'gflops_per_image': flops.flops_per_image(v.data.model) / 1e9,

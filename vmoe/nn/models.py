@@ -31,15 +31,18 @@ from vmoe.nn.routers import common, per_image, soft, softmax
 from vmoe.utils import checks
 from vmoe.utils import dotted
 
+# One module for all: the resolved spec says what it is (E3: moe.ensemble_size members).
 MODELS = {'VisionTransformerMoe': vit.VisionTransformerMoe,
-          'VisionTransformer': vit.VisionTransformerMoe}
+          'VisionTransformer': vit.VisionTransformerMoe,
+          'VisionTransformerMoeEnsemble': vit.VisionTransformerMoe}
+ENSEMBLE = 'VisionTransformerMoeEnsemble'
 MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'classifier',
               'representation_size', 'head_bias_init', 'head_kernel_zero_init')
 ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
                 'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb',
                 'compute_dtype', 'scan', 'remat')
 MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts',
-            'dropout_rate')
+            'dropout_rate', 'ensemble_size')
 # Dispatcher options of the reference with no effect here: {option: why}.
 INERT_DISPATCHER = {
     'partition_spec': routers_lib.INERT['partition_spec'],
@@ -76,7 +79,8 @@ def resolve(config: Any, *, image_size: Optional[Sequence[int]] = None,
       representation_size=c.get('representation_size'),
       head_bias_init=c.get('head_bias_init', 0.0),
       head_kernel_zero_init=c.get('head_kernel_zero_init', True),
-      encoder=_encoder(checks.required(c, 'encoder', 'model'), hidden, c.get('num_classes')))
+      encoder=_encoder(checks.required(c, 'encoder', 'model'), hidden, c.get('num_classes'),
+                       name == ENSEMBLE))
   return spec if image_size is None else _at(spec, tuple(image_size))
 
 
@@ -103,8 +107,9 @@ def build_model(config: Any, image_size: int | Sequence[int], *,
 
 def param_shapes(spec: ModelSpec) -> Any:
   """The params tree of a spec resolved for its image size (jax.ShapeDtypeStructs)."""
-  batch = max(1, spec.encoder.moe.group_size // spec.tokens_per_image
-              if spec.encoder.moe else 1)  # One MoE group of whole images.
+  # One MoE group of whole images (E3: the group counts the ensemble copies).
+  batch = max(1, spec.encoder.moe.group_size // (spec.tokens_per_image * spec.ensemble_size)
+              if spec.encoder.moe else 1)
   images = jax.ShapeDtypeStruct((batch, *spec.image_size, 3), jnp.float32)
   return jax.eval_shape(lambda x: build(spec).init(jax.random.PRNGKey(0), x), images)['params']
 
@@ -143,8 +148,8 @@ def router_layout_hint(missing, unexpected) -> str:
   return ''
 
 
-def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int]
-             ) -> spec_lib.EncoderSpec:
+def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int],
+             ensemble: bool) -> spec_lib.EncoderSpec:
   where = 'model.encoder'
   checks.check_keys(enc, ENCODER_KEYS, where)
   num_layers = checks.positive_int(checks.required(enc, 'num_layers', where),
@@ -179,6 +184,9 @@ def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int]
   if bad:
     raise ValueError(f'{where}.moe.layers={layers} has indices {bad} outside [0, '
                      f'{num_layers}) (num_layers={num_layers}).')
+  if ensemble and not layers:
+    raise ValueError(f"model.name='{ENSEMBLE}' (E3) needs MoE layers: set "
+                     f'{where}.moe.layers, num_experts and ensemble_size.')
   return spec_lib.EncoderSpec(
       num_layers=num_layers, mlp_dim=mlp_dim, num_heads=heads, **rates,
       attention_qk_norm=enc.get('attention_qk_norm', False), position_emb=pos_name,
@@ -186,11 +194,13 @@ def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int]
       compute_dtype=precision.check(enc.get('compute_dtype', 'float32'),
                                     f'{where}.compute_dtype'),
       scan=scan, remat=remat, moe_layers=layers,
-      moe=_moe(moe_config, num_classes) if layers else None)
+      moe=_moe(moe_config, num_classes, ensemble) if layers else None)
 
 
-def _moe(moe: Mapping[str, Any], num_classes: Optional[int]) -> spec_lib.MoeSpec:
-  """Everything of a MoE layer that does not depend on the input size."""
+def _moe(moe: Mapping[str, Any], num_classes: Optional[int], ensemble: bool = False
+         ) -> spec_lib.MoeSpec:
+  """Everything of a MoE layer that does not depend on the input size (ensemble: of
+  an E3 model, VisionTransformerMoeEnsemble)."""
   where = 'model.encoder.moe'
   checks.check_keys(moe, MOE_KEYS, where)
   e = checks.positive_int(checks.required(moe, 'num_experts', where), f'{where}.num_experts')
@@ -225,14 +235,46 @@ def _moe(moe: Mapping[str, Any], num_classes: Optional[int]) -> spec_lib.MoeSpec
     raise ValueError(f'{where}.router.dispatcher.chosen_experts={chosen!r} must be '
                      "'auto' (at inference where it is faster), True (always) or False "
                      '(never: capacity buffers).')
+  m = _ensemble_size(moe.get('ensemble_size'), ensemble, cls, e, k, options, where)
   return spec_lib.MoeSpec(
-      num_experts=e, group_size=s, router=name, options=tuple(sorted(options.items())),
+      num_experts=e, group_size=s, router=name, ensemble_size=m,
+      options=tuple(sorted(options.items())),
       # The reference's Soft MoE always moves tokens in bfloat16.
       dispatch=kind, bfloat16=bool(disp.get('bfloat16', cls.SLOTS == 'soft')),
       batch_priority=bool(disp.get('batch_priority', False)), capacity_rule=rule,
       split_rngs=_split_rngs(moe.get('split_rngs', False), f'{where}.split_rngs'),
       dropout_rate=rate, inert=tuple(inert), shared_experts=shared,
       chosen_experts=CHOSEN_EXPERTS[chosen] if cls.SLOTS == 'images' else 'never')
+
+
+def _ensemble_size(m, ensemble: bool, cls, e: int, k: int, options: dict, where: str
+                   ) -> int:
+  """M, the E3 members of `moe.ensemble_size` (1 for other models), checked against the
+  router (class `cls`, options) and its E experts and K choices."""
+  if not ensemble:
+    if m is not None:
+      raise ValueError(f'{where}.ensemble_size={m!r} is read by model.name='
+                       f"'{ENSEMBLE}' (E3) only; set model.name to it or remove the key.")
+    return 1
+  if not checks.is_int(m) or m < 1:
+    raise ValueError(f'{where}.ensemble_size={m!r} must be an integer >= 1 (the E3 '
+                     f"ensemble members of model.name='{ENSEMBLE}').")
+  if e % m:
+    raise ValueError(f'{where}.ensemble_size={m} does not divide num_experts={e}: each '
+                     'member gets E / M experts of its own; choose M dividing E.')
+  if cls.SLOTS not in ('choices', 'tokens'):
+    raise ValueError(f'{where}.router.name={cls.__name__!r} cannot be split into E3 '
+                     'members (E3 routes the tokens of each member to its own experts): '
+                     'use a token-choice or expert-choice router, e.g. '
+                     'NoisyTopExpertsPerItemRouter (the reference\'s).')
+  if k > e // m:
+    raise ValueError(f'{where}.router.num_selected_experts={k} exceeds the {e // m} '
+                     f'experts of each of the {m} ensemble members (num_experts / '
+                     'ensemble_size); lower it or add experts.')
+  if options.get('load_balancing') == 'bias':
+    raise ValueError(f"{where}.router.load_balancing='bias' is not available with E3 "
+                     "(ensemble_size > 1); use 'losses'.")
+  return m
 
 
 def _router_options(name: str, router: dict, num_classes: Optional[int], e: int,
@@ -392,7 +434,13 @@ def _moe_at(moe: spec_lib.MoeSpec, t: int, images: str, class_token: bool = Fals
   rule = moe.capacity_rule
   c = rule.capacity or compute_capacity(needed, e, rule.factor, rule.ceil_or_round,
                                         rule.multiple_of)
-  if moe.slots == 'tokens' and c > s:
-    raise ValueError(f'{where}: expert-choice capacity {c} exceeds the group size {s}; '
+  m = moe.ensemble_size
+  if m > 1 and s % (m * t):
+    raise ValueError(f'{where}.group_size={s}: E3 groups hold whole images with all their '
+                     f'{m} ensemble copies, a multiple of {m} x {t} = {m * t} tokens for '
+                     f'{images} (the reference counts the copies in group_size).')
+  if moe.slots == 'tokens' and c > s // m:
+    raise ValueError(f'{where}: expert-choice capacity {c} exceeds the {s // m} tokens '
+                     f'{"of each ensemble member " if m > 1 else ""}in a group of {s}; '
                      'lower capacity_factor or raise group_size.')
   return dataclasses.replace(moe, tokens_per_image=t, class_token=class_token, capacity=c)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vmoe.nn import ensemble
 from vmoe.nn import mlp
 from vmoe.nn import routers as routers_lib
 from vmoe.nn import routing as routing_lib
@@ -99,20 +100,25 @@ class MoeLayer(nn.Module):
   def __call__(self, x: Array, *, train: bool, labels: Optional[Array] = None,
                routing: Optional[routing_lib.ImageRouting] = None):
     """x: [B, T, D], labels: optional int [B] -> ([B, T, D], metrics of [G] arrays).
+    E3 (spec.ensemble_size M > 1): B counts the M rows of each image (vmoe/nn/ensemble.py).
 
     routing: the encoder's per-image decision for every MoE layer (PerImageRouter with
     scope 'model'); without it the layer routes x with its own router, `Router`.
     """
     b, t, d = x.shape
     spec = self.spec
-    s = spec.group_size
-    xg = x.reshape(b * t // s, s, d)
+    s, m = spec.group_size, spec.ensemble_size
+    xg = ensemble.to_groups(x, m, s)  # [B, T] in order; E3: [B, M, T] -> [B, T, M].
     if self.sharding is not None:
       xg = self.sharding.groups(xg)
     metrics = {}
-    if routing is None:
-      routing, metrics = routers_lib.ROUTERS[spec.router](
-          **spec.router_kwargs(), name='Router')(xg, train=train, labels=labels)
+    router = routers_lib.ROUTERS[spec.router]
+    if routing is None and m > 1:
+      routing, metrics = ensemble.route(router, spec.router_kwargs(), xg, m,
+                                        train=train)
+    elif routing is None:
+      routing, metrics = router(**spec.router_kwargs(), name='Router')(
+          xg, train=train, labels=labels)
     kind = spec.dispatch
     if isinstance(routing, routing_lib.ImageRouting):
       if spec.uses_chosen_experts(b, train):
@@ -137,7 +143,7 @@ class MoeLayer(nn.Module):
                 experts=dispatcher.experts)
     y = y.astype(io_dtype)
     out = dispatcher.combine(_to_groups(y, self.sharding) if buffers else y)
-    out = out.astype(x.dtype).reshape(b, t, d)
+    out = ensemble.from_groups(out.astype(x.dtype), m, t)
     # ViMoE shared experts: dense MLPs every token goes through, added to the routed output.
     for i in range(spec.shared_experts):
       out = out + mlp.MlpBlock(self.mlp_dim, self.dropout_rate, self.compute_dtype,

@@ -47,6 +47,9 @@ class MoeSpec:
   'always' (training too) or 'never'. tokens_per_image (T), class_token (token 0 of each
   image is the class token) and capacity (C slots per expert: tokens, images for
   per-image routing, mixed slots for Soft MoE) are set once the image size is known.
+  ensemble_size (E3, VisionTransformerMoeEnsemble): M members, each with its own E / M
+  experts and router (vmoe/nn/ensemble.py); a group holds all M copies of its images,
+  so group_size counts the copies. 1 for any other model.
   """
   num_experts: int
   group_size: int
@@ -64,6 +67,7 @@ class MoeSpec:
   tokens_per_image: Optional[int] = None
   class_token: bool = False
   capacity: Optional[int] = None
+  ensemble_size: int = 1
 
   def option(self, key: str) -> Any:
     return dict(self.options)[key]
@@ -156,6 +160,11 @@ class ModelSpec:
     return h // ph, w // pw
 
   @property
+  def ensemble_size(self) -> int:
+    """M: rows per image from the first MoE block on (E3), 1 for other models."""
+    return self.encoder.moe.ensemble_size if self.encoder.moe else 1
+
+  @property
   def tokens_per_image(self) -> int:
     """T: the patches, plus the class token with classifier 'token'."""
     gh, gw = self.grid
@@ -167,10 +176,12 @@ class ModelSpec:
     moe = self.encoder.moe
     if moe is None or not self.encoder.moe_layers:
       return 0
-    t, s = self.tokens_per_image, moe.group_size
-    if (batch_size * t) % s:
+    t, s, m = self.tokens_per_image, moe.group_size, moe.ensemble_size
+    n = batch_size * m * t
+    if n % s:
+      copies = f' x {m} ensemble members' if m > 1 else ''
       raise ValueError(
-          f'model.encoder.moe.group_size={s} does not divide the {batch_size * t} tokens '
-          f'of a batch ({batch_size} images x {t} tokens); use a multiple of {t} that '
-          f'divides {batch_size * t}.')
-    return batch_size * t // s
+          f'model.encoder.moe.group_size={s} does not divide the {n} tokens of a batch '
+          f'({batch_size} images{copies} x {t} tokens); use a multiple of {m * t} that '
+          f'divides {n}.')
+    return n // s

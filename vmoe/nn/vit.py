@@ -114,7 +114,9 @@ class Encoder(nn.Module):
   With one per-image router for the whole MoE part (spec.moe.model_router, Mobile V-MoE)
   the encoder routes the images once, `image_router` reading the tokens entering the
   first MoE block (after `image_router_norm`), and hands the decision to every MoE block;
-  its metrics are metrics['image_router'].
+  its metrics are metrics['image_router']. E3 (spec.moe.ensemble_size M > 1) repeats
+  every image M times (jnp.repeat, axis 0) before the first MoE block, as the reference:
+  from there on x is [B*M, T, D] (vmoe/nn/ensemble.py).
   """
   spec: spec_lib.EncoderSpec
   moe_sharding: Optional[moe_lib.Sharding] = None
@@ -124,17 +126,21 @@ class Encoder(nn.Module):
     if not self.spec.scan:
       return ()
     kinds = [i in self.spec.moe_layers for i in range(self.spec.num_layers)]
-    cut = self._router_block()
+    cut = self._first_moe_block()
     if cut is None:
       return scan_lib.layout(kinds)
-    # The image router reads the input of the first MoE block: no segment spans it.
+    # The image router reads the input of the first MoE block, E3 repeats it: no segment
+    # spans that point.
     after = scan_lib.layout(kinds[cut:])
     return scan_lib.layout(kinds[:cut]) + tuple(s._replace(start=s.start + cut) for s in after)
 
-  def _router_block(self) -> Optional[int]:
-    """The block before which the encoder routes the images (model router), or None."""
+  def _first_moe_block(self) -> Optional[int]:
+    """The block before which the encoder routes the images (model router) or repeats
+    the batch for the ensemble members (E3); None if it does neither."""
     moe = self.spec.moe
-    return min(self.spec.moe_layers) if moe is not None and moe.model_router else None
+    if moe is None or not (moe.model_router or moe.ensemble_size > 1):
+      return None
+    return min(self.spec.moe_layers)
 
   @nn.compact
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
@@ -153,8 +159,11 @@ class Encoder(nn.Module):
     segments = {s.start: s for s in self.segments()}
     i = 0
     while i < spec.num_layers:
-      if i == self._router_block():
+      if i == self._first_moe_block() and spec.moe.model_router:
         routing, metrics['image_router'] = self._route_images(x, train, labels)
+      elif i == self._first_moe_block():  # E3: M rows per image from here on.
+        x = jnp.repeat(x, spec.moe.ensemble_size, axis=0)
+        labels = None if labels is None else jnp.repeat(labels, spec.moe.ensemble_size)
       seg = segments.get(i)
       if seg is None:
         x, m = remat_block(spec.remat)(spec, spec.moe_at(i), self.moe_sharding,
@@ -246,7 +255,9 @@ class MapHead(nn.Module):
 class VisionTransformerMoe(nn.Module):
   """ViT classifier; with MoE layers (spec.encoder.moe_layers) it is a V-MoE.
 
-  __call__(images [B, H, W, 3], train, labels) -> (logits [B, num_classes], metrics).
+  __call__(images [B, H, W, 3], train, labels) -> (logits [B, num_classes], metrics);
+  E3 (VisionTransformerMoeEnsemble, spec.ensemble_size M > 1): logits [B*M, num_classes],
+  row b*M + m member m of image b, as the reference (vmoe.train.losses combines them).
   spec: the resolved model (vmoe.nn.models.resolve(config, image_size=(H, W))).
   metrics['auxiliary_loss'] is [G] (summed over MoE layers) and metrics[block] holds each
   MoE layer's [G] metrics. In training, rngs 'dropout' and 'gating' are needed; labels

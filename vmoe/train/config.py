@@ -40,7 +40,7 @@ TOP_KEYS = {
     'dataset': None,  # {split name: pipeline.KNOWN_KEYS}; 'train' is the train split.
     'model': None,  # vmoe.nn.models.MODEL_KEYS.
     'optimizer': None,  # vmoe.train.optimizers.
-    'loss': frozenset({'name'}),
+    'loss': frozenset(losses.KEYS),
     'train_steps': None,
     'train_epochs': None,
     'seed': None,
@@ -91,6 +91,7 @@ class Run:
   model / eval_model: config.model and it with config.evaluate.model_overrides, from the
   config alone (no image size; each Data has its own, resolved for its images).
   optimizer: config.optimizer with config.initialization.freeze in its frozen_pattern.
+  loss: config.loss resolved for the model (E3: its ensemble members).
   train_steps: None for a train_epochs run until with_data. mesh: {axis: size}.
   """
   config: ml_collections.FrozenConfigDict
@@ -106,6 +107,7 @@ class Run:
   rng_names: tuple[str, ...] = ()
   mixup: Optional[dict[str, Any]] = None
   nonfinite: str = 'stop'
+  loss: losses.Loss = losses.Loss('softmax_xent')
 
   def entry(self, name: str) -> Data:
     return next(d for d in self.data if d.name == name)
@@ -155,6 +157,7 @@ def resolve(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> Run
       data=_data(c, num_devices, num_processes), mesh=mesh,
       optimizer=_optimizer(c), train_steps=c.get('train_steps'), seed=c.get('seed', 0),
       rng_names=_rng_names(c, model), mixup=_mixup(c),
+      loss=losses.resolve(c['loss'], model.ensemble_size, model.name),
       nonfinite=checks.one_of(c.get('nonfinite', 'stop'), NONFINITE_MODES,
                               'config.nonfinite', ' (what a step with a NaN/Inf loss or '
                               'gradient norm does: stop the run, or skip that step)'))
@@ -173,7 +176,6 @@ def _check_schedule_keys(c: Mapping[str, Any]):
   seed = c.get('seed', 0)
   if not checks.is_int(seed):
     raise ValueError(f'config.seed={seed!r} must be an integer.')
-  checks.one_of(c['loss'].get('name'), sorted(losses.LOSSES), 'config.loss.name')
   for key, sub in (('save_checkpoint', 'every_steps'), ('save_checkpoint', 'keep_last'),
                    ('save_checkpoint', 'keep_every'),
                    ('evaluate', 'every_steps'), ('report_progress', 'every_steps')):

@@ -36,7 +36,7 @@ def all_finite(tree) -> jax.Array:
                             if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, loss_fn,
+def make_train_step(model, tx: optax.GradientTransformation, schedule, loss: losses.Loss,
                     *, seed: int, rng_names, mixup_config, num_shards: int):
   """Returns train_step(state, batch) -> (state, metrics: {name: []})."""
   def train_step(state: TrainState, batch):
@@ -53,13 +53,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, loss_fn,
       # routing); with mixup, the class of the dominant example.
       logits, metrics = model.apply({'params': params}, images, train=True,
                                     labels=jnp.argmax(labels, axis=-1), rngs=rngs)
-      main_loss = jnp.mean(loss_fn(logits, labels))
+      main_loss = jnp.mean(loss.train(logits, labels))
       auxiliary_loss = jnp.mean(metrics['auxiliary_loss'])
       metrics = summarize_metrics(metrics)
       metrics.update(
           main_loss=main_loss, auxiliary_loss=auxiliary_loss,
           loss=main_loss + auxiliary_loss,
-          **{'prec@1': jnp.mean(losses.precision_at_1(logits, labels))})
+          **{'prec@1': jnp.mean(losses.precision_at_1(loss.scores(logits), labels))})
       return main_loss + auxiliary_loss, metrics
 
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params)

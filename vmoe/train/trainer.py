@@ -32,7 +32,6 @@ from vmoe.parallel import mesh as mesh_lib
 from vmoe.train import config as config_lib
 from vmoe.train import evaluator
 from vmoe.train import fewshot
-from vmoe.train import losses
 from vmoe.train import monitors
 from vmoe.train import optimizers
 from vmoe.train import preemption
@@ -96,10 +95,9 @@ def build(run: config_lib.Run, mesh: Optional[jax.sharding.Mesh] = None) -> Prog
                                            fsdp=run.get('fsdp', False))
   # Params do not depend on the mesh: init_fn uses the model without it.
   moe_sharding = mesh_lib.moe_sharding(mesh)
-  loss_fn = losses.LOSSES[run.config.loss.name]
   train_step = jax.jit(
       step_lib.make_train_step(
-          p.model.clone(moe_sharding=moe_sharding), p.tx, p.schedule, loss_fn,
+          p.model.clone(moe_sharding=moe_sharding), p.tx, p.schedule, run.loss,
           seed=run.seed, rng_names=run.rng_names, mixup_config=run.mixup,
           num_shards=mesh.size),
       in_shardings=(state_sharding, batch_sharding),
@@ -108,7 +106,7 @@ def build(run: config_lib.Run, mesh: Optional[jax.sharding.Mesh] = None) -> Prog
   for d in run.evals:
     if d.model not in steps:
       steps[d.model] = evaluator.make_eval_step(
-          models.build(d.model, moe_sharding), loss_fn,
+          models.build(d.model, moe_sharding), run.loss,
           params_sharding=state_sharding.params, batch_sharding=batch_sharding,
           routing_stats=True)
   return Program(p, mesh, state_sharding, batch_sharding, train_step,
@@ -319,12 +317,18 @@ def _summary(program: Program, state: TrainState) -> str:
 
 
 def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
-  """Prints one line per eval split and writes WORKDIR/final_metrics.json:
-  {split: {'prec@1', 'loss', 'num_examples'}, 'step': ..., **info} (info: num_params,
+  """Prints one line per eval split (and for E3 one of its members) and writes
+  WORKDIR/final_metrics.json: {split: {'prec@1', 'loss', 'ece', 'num_examples', E3:
+  'member_{m}/...'}, 'step': ..., **info} (info: num_params,
   train_seconds_per_step, train: the last report's train metrics, fewshot)."""
   for name, r in results.items():
     console.say(f'Final {name}: prec@1={r["prec@1"]:.4f} loss={r["loss"]:.4f} '
                 f'({r["num_examples"]} examples, step {step})')
+    members = sorted(k.split('/')[0] for k in r if k.endswith('/prec@1'))
+    if members:  # E3: the ensemble against its members.
+      console.say(f'Final {name}, E3: ECE={r["ece"]:.4f}; members: ' + ', '.join(
+          f'prec@1={r[f"{m}/prec@1"]:.4f} loss={r[f"{m}/loss"]:.4f} ECE={r[f"{m}/ece"]:.4f}'
+          for m in members))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'final_metrics.json'),
                      {**results, 'step': step, **info}, indent=2, sort_keys=True)
