@@ -96,3 +96,17 @@ def test_plan_cli_bad_input_is_one_line_and_status_2(flag, message):
   assert 'Traceback' not in out.stderr, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and message in last, out.stderr[-2000:]
+
+
+def test_e3_activations_count_the_members_copies():
+  """E3 with MoE from block 0: every block holds M copies, so twice a plain V-MoE's."""
+  def config(**moe):
+    return dict(name='VisionTransformerMoe', num_classes=10, patch_size=(4, 4),
+                hidden_size=16, encoder=dict(num_layers=2, mlp_dim=32, num_heads=2, moe=dict(
+                    layers=(0, 1), num_experts=4, group_size=40, **moe, router=dict(
+                        num_selected_experts=1, dispatcher=dict(capacity_factor=1.0)))))
+  e3 = dict(config(ensemble_size=2), name='VisionTransformerMoeEnsemble')
+  plain = config()
+  plain['encoder']['moe']['group_size'] = 20
+  a, b = (plan_lib.activation_bytes(models.resolve(c, image_size=(8, 8)), 4) for c in (e3, plain))
+  assert a == 2 * b
