@@ -11,8 +11,10 @@ scikit-learn into the TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets) on
 first use; nothing is downloaded.
 
 Measured with the command above (2 CPU cores, jax 0.10.2 CPU): test prec@1
-0.9889 (loss 0.1077) at step 2,000, and on the way 0.9361 at step 500, 0.9667
-at 1,000, 0.9833 at 1,500; 2 min 37 s of training steps (12-13 steps/s), 2 min
+0.9861 (loss 0.1071) at step 2,000, and on the way 0.9333 at step 500, 0.9611
+at 1,000, 0.9833 at 1,500; 2 min 58 s of training steps (11 steps/s). The code before
+E3 (f776914) gives the same 0.9861 on this host; on an earlier host (another CPU) it
+ended at 0.9889 (loss 0.1077) with 2 min 37 s of training steps (12-13 steps/s), 2 min
 54 s for the README's command from a fresh clone, install included. Before the
 router work for fidelity to the reference it ended at 0.9833 (loss 0.1082): the
 model computes the same function bit for bit, but the train step compiles to a
