@@ -50,17 +50,9 @@ def get_config(arg=None):
   a = common.parse_arg(arg, DEFAULTS)
   config = common.base_config(seed=a['seed'])
   config.description = 'E3-S/32, E=8, K=1, M=2, Last 2, fine-tuned on CIFAR-100'
-  labels = common.pp_labels(NUM_CLASSES)
-  eval_pp = f'decode|resize({IMAGE_SIZE})|{labels}'
-  config.dataset = common.ConfigDict(dict(
-      train=common.data_config(
-          name='cifar100', split='train[:98%]', batch_size=BATCH_SIZE,
-          process=f'decode|inception_crop({IMAGE_SIZE})|flip_lr|{labels}',
-          shuffle_buffer=50_000),
-      val=common.data_config(name='cifar100', split='train[98%:]', process=eval_pp,
-                             batch_size=BATCH_SIZE),
-      test=common.data_config(name='cifar100', split='test', process=eval_pp,
-                              batch_size=BATCH_SIZE)))
+  config.dataset = common.cifar_finetune_data('cifar100', num_classes=NUM_CLASSES,
+                                               image_size=IMAGE_SIZE,
+                                               batch_size=BATCH_SIZE)
   config.model = common.vmoe_model(
       variant='S', patch=32, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES,
       num_experts=8, num_selected_experts=1, router='e3', images_per_group=32,

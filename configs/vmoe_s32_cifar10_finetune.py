@@ -51,17 +51,9 @@ def get_config(arg=None):
   a = common.parse_arg(arg, DEFAULTS)
   config = common.base_config(seed=a['seed'])
   config.description = 'ViT-S/32, E=8, K=2, Last 2, fine-tuned on CIFAR-10 at 384 px'
-  labels = common.pp_labels(NUM_CLASSES)
-  eval_pp = f'decode|resize({IMAGE_SIZE})|{labels}'
-  config.dataset = common.ConfigDict(dict(
-      train=common.data_config(
-          name='cifar10', split='train[:98%]', batch_size=BATCH_SIZE,
-          process=f'decode|inception_crop({IMAGE_SIZE})|flip_lr|{labels}',
-          shuffle_buffer=50_000),
-      val=common.data_config(name='cifar10', split='train[98%:]', process=eval_pp,
-                             batch_size=BATCH_SIZE),
-      test=common.data_config(name='cifar10', split='test', process=eval_pp,
-                              batch_size=BATCH_SIZE)))
+  config.dataset = common.cifar_finetune_data('cifar10', num_classes=NUM_CLASSES,
+                                               image_size=IMAGE_SIZE,
+                                               batch_size=BATCH_SIZE)
   config.model = common.vmoe_model(
       **UPSTREAM, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES,
       moe_layers=common.last_n(2, common.VARIANTS['S']['num_layers']),

@@ -50,8 +50,7 @@ def activation_bytes(spec: spec_lib.ModelSpec, batch_per_device: float) -> float
   # Buffer slots per token: K x the capacity factor (Soft MoE: its own factor).
   slots = moe.num_selected_experts * (moe.capacity_rule.factor or 1.0) if moe else 0
   # E3: each block from the first MoE block on holds its M copies' activations.
-  copies = [spec.ensemble_size if enc.moe_layers and i >= min(enc.moe_layers) else 1
-            for i in range(enc.num_layers)]
+  copies = [spec.copies_at(i) for i in range(enc.num_layers)]
   full = [c * (10 * d + enc.num_heads * t + (slots * (2 * h + 2 * d) if enc.moe_at(i)
                                               else 2 * h))
           for i, c in enumerate(copies)]

@@ -91,6 +91,22 @@ def base_config(*, seed: int = 0) -> ConfigDict:
   return c
 
 
+def cifar_finetune_data(name: str, *, num_classes: int, image_size: int,
+                        batch_size: int) -> ConfigDict:
+  """config.dataset of the reference's CIFAR fine-tuning configs: train[:98%] with
+  inception crop and flip, val train[98%:] and test resized to `image_size`."""
+  labels = pp_labels(num_classes)
+  eval_pp = f'decode|resize({image_size})|{labels}'
+  return ConfigDict(dict(
+      train=data_config(
+          name=name, split='train[:98%]', batch_size=batch_size,
+          process=f'decode|inception_crop({image_size})|flip_lr|{labels}',
+          shuffle_buffer=50_000),
+      val=data_config(name=name, split='train[98%:]', process=eval_pp,
+                      batch_size=batch_size),
+      test=data_config(name=name, split='test', process=eval_pp, batch_size=batch_size)))
+
+
 def data_config(*, name: str, split: str, process: str, batch_size: int,
                 shuffle_buffer: int | None = None, cache: bool | str | None = None,
                 prefetch: int = 2, data_dir: str | None = None) -> ConfigDict:

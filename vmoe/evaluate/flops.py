@@ -36,8 +36,7 @@ def flops_per_image(spec: spec_lib.ModelSpec) -> float:
   d, enc, t = spec.hidden_size, spec.encoder, spec.tokens_per_image
   total = 2 * gh * gw * ph * pw * 3 * d  # Patch embedding.
   mlp = 2 * 2 * d * enc.mlp_dim  # Per token: D -> H -> D.
-  m = spec.ensemble_size
-  copies = lambda i: m if enc.moe_layers and i >= min(enc.moe_layers) else 1
+  m, copies = spec.ensemble_size, spec.copies_at
   for i in range(enc.num_layers):
     total += _attention(t, d) * copies(i)
     moe = enc.moe_at(i)

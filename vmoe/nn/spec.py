@@ -164,6 +164,12 @@ class ModelSpec:
     """M: rows per image from the first MoE block on (E3), 1 for other models."""
     return self.encoder.moe.ensemble_size if self.encoder.moe else 1
 
+  def copies_at(self, i: int) -> int:
+    """Rows per image in block i (i = num_layers: the head): M from the first MoE
+    block on for E3, else 1."""
+    layers = self.encoder.moe_layers
+    return self.ensemble_size if layers and i >= min(layers) else 1
+
   @property
   def tokens_per_image(self) -> int:
     """T: the patches, plus the class token with classifier 'token'."""
