@@ -50,3 +50,19 @@ def digits_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp('tfds_data'))
   digits.prepare(data_dir)
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def digit_scenes_data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding the offline 'digit_scenes' dataset, built once per session.
+
+  pytest-xdist workers share one dir in the session's base temp dir: the first to get
+  there builds it (digit_scenes.prepare is atomic and safe under concurrent callers).
+  """
+  from vmoe.data import digit_scenes  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # The session's dir, above the workers' own.
+  data_dir = str(root / 'tfds_digit_scenes')
+  digit_scenes.prepare(data_dir)
+  return data_dir

@@ -18,7 +18,9 @@ projections without batch dimensions, 6 D + H for a dense block (q, k, v, attent
 MLP outputs) and 5 D + E for a MoE one (router logits; the experts' matmuls batch over
 E); 'dots' saves nearly everything counted, so it is counted as no remat. An estimate:
 XLA fuses and frees some of these and keeps other temporaries; it is the right order of
-magnitude, not a bound.
+magnitude, not a bound. A segmenter's decoder adds its own estimate per image
+(vmoe.nn.decoders.activations_per_image: its feature maps and the logits at the input
+size with their softmax), and its train batches carry labels per pixel [B, H, W].
 """
 import dataclasses
 import json
@@ -32,6 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from vmoe import cli
+from vmoe.nn import decoders
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import spec as spec_lib
 from vmoe.parallel import rules
@@ -61,7 +64,8 @@ def activation_bytes(spec: spec_lib.ModelSpec, batch_per_device: float) -> float
                  (5 * d + moe.num_experts if enc.moe_at(i) else 6 * d + h))
             for i, c in enumerate(copies)]
     per_token = sum(kept) + max(full)
-  return 4.0 * batch_per_device * t * per_token
+  head = decoders.activations_per_image(spec) if spec.segmenter else 0
+  return 4.0 * batch_per_device * (t * per_token + head)
 
 
 def plan(config, mesh, *, image_size: int = 224, fsdp: bool = False) -> dict:
@@ -84,8 +88,10 @@ def plan(config, mesh, *, image_size: int = 224, fsdp: bool = False) -> dict:
   run = config_lib.resolve(c, num_devices=math.prod(shape.values()))
   train = run.entry('dataset.train')
   batch = train.config.batch_size
+  labels = ((batch, image_size, image_size) if run.model.segmenter
+            else (batch, run.model.num_classes))
   run = config_lib.with_inputs(run, {'dataset.train': {
-      'image': (batch, image_size, image_size, 3), 'labels': (batch, run.model.num_classes)}})
+      'image': (batch, image_size, image_size, 3), 'labels': labels}})
   # The schedule's length does not change a shape (train_epochs runs have no steps yet).
   p = trainer.parts(dataclasses.replace(run, train_steps=run.train_steps or sys.maxsize))
   params, opt_state = p.abstract_state.params, p.abstract_state.opt_state

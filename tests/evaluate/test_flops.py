@@ -2,6 +2,7 @@
 import pytest
 
 from vmoe.evaluate import flops
+from vmoe.nn import decoders
 from vmoe.nn import models
 
 # 8x8 images, patch 4 -> 4 patches + cls = 5 tokens; D 8, H 16, 2 layers, MoE in layer 1.
@@ -55,3 +56,17 @@ def test_e3_counts_every_block_from_the_first_moe_block_once_per_member():
   embedding = 2 * 4 * 16 * 3 * 16
   assert flops.flops_per_image(e3) == embedding + 2 * (flops.flops_per_image(plain)
                                                        - embedding)
+
+
+def test_segmenter_counts_its_decoder_instead_of_the_head():
+  """The encoder's FLOPs as the classifier's, plus the decoder's (vmoe.nn.decoders)."""
+  seg = dict(CONFIG, representation_size=None, decoder={'name': 'fpn', 'layers': (0,),
+                                                         'dim': 4})
+  spec = models.resolve(seg, image_size=(8, 8))
+  encoder_only = models.resolve(dict(CONFIG, representation_size=None, num_classes=None),
+                                image_size=(8, 8))
+  assert flops.flops_per_image(spec) == (flops.flops_per_image(encoder_only)
+                                         + decoders.flops_per_image(spec.decoder, spec))
+  linear = models.resolve(dict(seg, decoder={'name': 'linear'}), image_size=(8, 8))
+  # Per patch (2 x 2 grid): D 8 -> 3 classes.
+  assert flops.flops_per_image(linear) == flops.flops_per_image(encoder_only) + 2 * 4 * 8 * 3

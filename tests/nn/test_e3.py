@@ -261,14 +261,18 @@ def test_bad_settings_are_named(overrides, match):
 
 
 def test_bad_losses_are_named():
+  e3 = models.resolve(CONFIG)
+  plain = _config(name='VisionTransformerMoe')
+  del plain['encoder']['moe']['ensemble_size']
+  plain = models.resolve(plain)
   with pytest.raises(ValueError, match="use 'ensemble_softmax_xent'"):
-    losses.resolve({'name': 'softmax_xent'}, M, models.ENSEMBLE)
+    losses.resolve({'name': 'softmax_xent'}, e3)
   with pytest.raises(ValueError, match="needs an E3 model"):
-    losses.resolve({'name': 'ensemble_softmax_xent'}, 1, 'VisionTransformerMoe')
+    losses.resolve({'name': 'ensemble_softmax_xent'}, plain)
   with pytest.raises(ValueError, match='loss.ensemble_size=3 differs'):
-    losses.resolve({'name': 'ensemble_softmax_xent', 'ensemble_size': 3}, M, models.ENSEMBLE)
-  assert losses.resolve({'name': 'ensemble_softmax_xent', 'ensemble_size': 2}, M,
-                        models.ENSEMBLE) == losses.Loss('ensemble_softmax_xent', 2)
+    losses.resolve({'name': 'ensemble_softmax_xent', 'ensemble_size': 3}, e3)
+  assert losses.resolve({'name': 'ensemble_softmax_xent', 'ensemble_size': 2},
+                        e3) == losses.Loss('ensemble_softmax_xent', 2)
 
 
 def test_members_needs_an_e3_model():

@@ -110,3 +110,29 @@ def test_e3_activations_count_the_members_copies():
   plain['encoder']['moe']['group_size'] = 20
   a, b = (plan_lib.activation_bytes(models.resolve(c, image_size=(8, 8)), 4) for c in (e3, plain))
   assert a == 2 * b
+
+
+def test_segmenter_activations_count_its_decoder():
+  """The decoder's feature maps and per-pixel logits come on top of the encoder's; a
+  wider fpn keeps more."""
+  def spec(decoder):
+    return models.resolve(dict(
+        num_classes=11, patch_size=(4, 4), hidden_size=16, classifier='gap',
+        decoder=decoder, encoder=dict(num_layers=2, mlp_dim=32, num_heads=2)),
+        image_size=(16, 16))
+  encoder = plan_lib.activation_bytes(spec(None), 4)
+  linear = plan_lib.activation_bytes(spec({'name': 'linear'}), 4)
+  # Logits at the input size and their softmax, and the 4x4 grid's logits, per image.
+  assert linear - encoder == 4 * 4 * (2 * 16 * 16 * 11 + 16 * 11)
+  fpn = [plan_lib.activation_bytes(spec({'name': 'fpn', 'layers': (0,), 'dim': d}), 4)
+         for d in (8, 16)]
+  assert linear < fpn[0] < fpn[1]
+
+
+def test_plan_of_a_segmenter_takes_labels_per_pixel():
+  config = common.load_config(os.path.join(REPO, 'configs/digits_seg.py'))
+  p = plan_lib.plan(config, 'data:1', image_size=32)
+  spec = models.resolve(config.model, image_size=(32, 32))
+  assert p['per_device_bytes']['activations'] == int(
+      plan_lib.activation_bytes(spec, config.dataset.train.batch_size))
+  assert p['num_params'] == sum(x.size for x in jax.tree.leaves(models.param_shapes(spec)))

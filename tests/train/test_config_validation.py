@@ -5,16 +5,19 @@ Each case changes one thing of configs/digits.py (as a plain dict, so that any
 type can be put in, as a config file can) and runs the trainer's three stages of
 vmoe.train.config: resolve (the config alone), with_data (TFDS metadata) and
 with_inputs (the shapes of the first batches: digits gives 8x8x3 images and
-10-class one-hot labels).
+10-class one-hot labels). SEGMENTER is digits' model with a decoder, checked against
+per-pixel labels [B, 8, 8].
 """
 import contextlib
 import copy
 import os
+import re
 
 import jax
 import pytest
 from vmoe.configs import common
 from vmoe.train import config as config_lib
+from vmoe.train import losses
 from vmoe.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,6 +152,38 @@ def digits_shapes(run: config_lib.Run, num_processes: int = 1) -> dict:
                    'labels': (d.config.batch_size // num_processes, 10)} for d in run.data}
 
 
+def segmenter_config() -> dict:
+  """configs/digits.py as a segmenter: a 'linear' decoder, the pixel loss, and neither
+  mixup nor few-shot probes (they work on whole images)."""
+  config = mutate(DIGITS, 'model.decoder', {'name': 'linear'})
+  config = mutate(config, 'loss', {'name': 'pixel_softmax_xent'})
+  return mutate(mutate(config, 'mixup', DELETE), 'fewshot', DELETE)
+
+
+SEGMENTER = segmenter_config()
+SEGMENTER_CASES = [
+    ('seg_mixup', 'mixup', DIGITS['mixup'],
+     r"config\.mixup=\{.*\} mixes whole images .* segmenter \(model\.decoder\.name="
+     r"'linear'\) .* drop config\.mixup"),
+    ('seg_fewshot', 'fewshot', DIGITS['fewshot'],
+     r'config\.fewshot: few-shot linear probes .* drop config\.fewshot'),
+    ('seg_classification_loss', 'loss.name', 'softmax_xent',
+     r"config\.loss\.name='softmax_xent' is an image-classification loss, but the model "
+     r"is a segmenter .* use 'pixel_softmax_xent'"),
+    ('seg_ignore_label_in_range', 'loss.ignore_label', 3,
+     r"config\.loss\.ignore_label=3 is a class id of the model's 10 classes"),
+    ('seg_label_smoothing', 'loss.label_smoothing', -0.1,
+     r'config\.loss\.label_smoothing=-0\.1 must be a number in \[0, 1\)'),
+    ('seg_loss_key', 'loss.ensemble_size', 1,
+     r"\['ensemble_size'\] in config\.loss \(name='pixel_softmax_xent'\)"),
+]
+
+
+def segmenter_shapes(run: config_lib.Run, labels=lambda b: (b, 8, 8)) -> dict:
+  return {d.name: {'image': (d.config.batch_size, 8, 8, 3),
+                   'labels': labels(d.config.batch_size)} for d in run.data}
+
+
 @contextlib.contextmanager
 def nothing_compiled():
   events = []
@@ -218,3 +253,47 @@ def test_epochs_check_the_schedule_against_the_dataset_size():
   with pytest.raises(ValueError, match=r'config\.optimizer\.learning_rate: .*'
                      r'warmup_steps.*got 100 and decay_steps=12'):
     config_lib.with_data(run)
+
+
+def test_the_segmenter_config_passes():
+  with nothing_compiled():
+    run = config_lib.with_data(config_lib.resolve(SEGMENTER))
+    run = config_lib.with_inputs(run, segmenter_shapes(run))
+  assert run.model.segmenter and run.loss == losses.PixelLoss('pixel_softmax_xent', 255, 0.0)
+
+
+@pytest.mark.parametrize('case', SEGMENTER_CASES, ids=[c[0] for c in SEGMENTER_CASES])
+def test_malformed_segmenter_config_is_rejected_naming_the_key(case):
+  _, key, value, message = case
+  config = mutate(SEGMENTER, key, value)
+  with nothing_compiled(), pytest.raises(ValueError, match=message):
+    run = config_lib.with_data(config_lib.resolve(config))
+    config_lib.with_inputs(run, segmenter_shapes(run))
+
+
+def test_a_segmenter_needs_labels_per_pixel():
+  run = config_lib.with_data(config_lib.resolve(SEGMENTER))
+  for labels, shown in ((lambda b: (b, 10)), '(128, 10)'), ((lambda b: (b, 4, 4)),
+                                                              '(128, 4, 4)'):
+    with pytest.raises(ValueError, match=(
+        rf'config\.dataset\.train\.process gives "labels" of shape {re.escape(shown)} '
+        r'for images of shape \(128, 8, 8, 3\), but a segmenter .* labels of shape '
+        r'\(128, 8, 8\) \[B, H, W\]: end the pp string with seg_labels')):
+      config_lib.with_inputs(run, segmenter_shapes(run, labels))
+
+
+def test_a_classifier_refuses_the_pixel_loss_and_labels_per_pixel():
+  with pytest.raises(ValueError, match=r"config\.loss\.name='pixel_softmax_xent' is a "
+                     r'per-pixel loss for segmenters, .* set model\.decoder'):
+    config_lib.resolve(mutate(DIGITS, 'loss', {'name': 'pixel_softmax_xent'}))
+  run = config_lib.with_data(config_lib.resolve(DIGITS))
+  with pytest.raises(ValueError, match=r'"labels" of shape \(128, 8, 10\) but '
+                     r'config\.model\.num_classes=10: one-hot them'):
+    config_lib.with_inputs(run, segmenter_shapes(run, lambda b: (b, 8, 10)))
+
+
+def test_the_trainer_checks_a_segmenters_labels_before_compiling(tmp_path):
+  """digits' pipeline gives one-hot labels: the real first batches are refused."""
+  with nothing_compiled(), pytest.raises(ValueError, match='end the pp string with '
+                                         'seg_labels'):
+    trainer.train_and_evaluate(common.ConfigDict(SEGMENTER), str(tmp_path))

@@ -1,5 +1,10 @@
-"""Input data: the offline 'digits' TFDS dataset, pp ops and tf.data pipelines.
+"""Input data: local TFDS datasets, pp ops and tf.data pipelines.
 
-Import the submodules (pipeline, pp_ops, digits); this package import itself
-stays light (no TensorFlow).
+Submodules: pipeline (train / eval iterators over TFDS tfrecords), pp_ops (the
+image and label ops of pp strings), seg_ops (joint image / segmentation-mask
+ops, and the pp strings of the segmentation datasets), randaug, registry (the
+pp-string parser), and the offline datasets built on first use: digits
+(scikit-learn's 8x8 digits, classification) and digit_scenes (canvases of
+those digits with per-pixel masks, segmentation), both through local.prepare.
+Import the submodules; this package import itself stays light (no TensorFlow).
 """

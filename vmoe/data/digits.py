@@ -13,14 +13,13 @@ order) are permuted with numpy.random.RandomState(SPLIT_SEED + c) and the first
 the split is the same everywhere.
 
 Importing this module registers the builder with TFDS. Use `prepare(data_dir)`
-to build it (atomically, safe under concurrent callers) into a data dir.
+to build it (atomically, safe under concurrent callers: local.prepare) into a
+data dir.
 """
-import os
-import shutil
-import tempfile
-
 import numpy as np
 import tensorflow_datasets as tfds
+
+from vmoe.data import local
 
 SPLIT_SEED = 0
 TEST_PER_CLASS = 36
@@ -78,27 +77,5 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str) -> Digits:
-  """Returns the digits builder for data_dir, building it there if needed.
-
-  Concurrent callers are safe: each builds into its own temporary directory
-  inside data_dir and renames the finished version directory into place; a
-  rename that loses the race finds the winner's complete copy.
-  """
-  builder = Digits(data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  os.makedirs(data_dir, exist_ok=True)
-  tmp_root = tempfile.mkdtemp(prefix='.digits-build-', dir=data_dir)
-  try:
-    tmp_builder = Digits(data_dir=tmp_root)
-    tmp_builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    os.makedirs(os.path.dirname(builder.data_dir), exist_ok=True)
-    try:
-      os.rename(tmp_builder.data_dir, builder.data_dir)
-    except OSError:
-      if not Digits(data_dir=data_dir).is_prepared():
-        raise
-  finally:
-    shutil.rmtree(tmp_root, ignore_errors=True)
-  return Digits(data_dir=data_dir)
+  """The digits builder of data_dir, built there first if needed (local.prepare)."""
+  return local.prepare(Digits, data_dir)

@@ -37,8 +37,13 @@ its augmentation. Every mode yields the same batches, in the same order, as no
 cache.
 
 Nothing here ever downloads: a dataset that is not prepared in the data dir is
-a ValueError saying how to prepare it ('digits' is built on first use). Each
-dataset's builder (and so its info) is loaded once per process.
+a ValueError saying how to prepare it. The local datasets of LOCAL_BUILDERS
+('digits', 'digit_scenes') are generated on first use instead. Each dataset's
+builder (and so its info) is loaded once per process.
+
+Segmentation datasets (digit_scenes, scene_parse150, oxford_iiit_pet,
+cityscapes) go through the same pipeline with the joint image / mask ops of
+seg_ops.py in their pp string; see there for each dataset's pp strings.
 """
 import functools
 import math
@@ -50,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vmoe.data import digit_scenes
 from vmoe.data import digits
 from vmoe.data import pp_ops
 from vmoe.data.registry import VALID_KEY
@@ -70,9 +76,12 @@ _fold_in = tf.random.experimental.stateless_fold_in
 _no_autograph = tf.autograph.experimental.do_not_convert
 # (name, data dir) -> its prepared builder. Loading one reads the dataset info
 # (TFDS logs 'Load dataset info from ...'); the lock makes concurrent callers
-# load it (and build 'digits') once.
+# load it (and build a local dataset) once.
 _BUILDERS: dict[tuple[str, str], tfds.core.DatasetBuilder] = {}
 _BUILDERS_LOCK = threading.Lock()
+# Datasets generated on this machine from bundled data: name -> its module, whose
+# prepare(data_dir) builds it there unless it is, and returns its builder.
+LOCAL_BUILDERS = {'digits': digits, 'digit_scenes': digit_scenes}
 
 
 def _get(cfg, key: str, default=None):
@@ -149,9 +158,10 @@ def data_dir_of(cfg) -> str:
 def builder(cfg) -> tfds.core.DatasetBuilder:
   """The prepared builder of cfg.name in data_dir_of(cfg).
 
-  Never downloads; builds 'digits'. Loaded once per (name, data dir) for the
-  process's lifetime, and the same object is returned after that; a failure is
-  not remembered, so a dataset prepared later is found by the next call.
+  Never downloads; builds the LOCAL_BUILDERS datasets. Loaded once per (name,
+  data dir) for the process's lifetime, and the same object is returned after
+  that; a failure is not remembered, so a dataset prepared later is found by
+  the next call.
   """
   key = (cfg.name, data_dir_of(cfg))
   with _BUILDERS_LOCK:
@@ -161,8 +171,9 @@ def builder(cfg) -> tfds.core.DatasetBuilder:
 
 
 def _load_builder(cfg, name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  if name.split(':')[0] == 'digits':
-    return digits.prepare(data_dir)
+  local = LOCAL_BUILDERS.get(name.split(':')[0])
+  if local:
+    return local.prepare(data_dir)
   namespace = tfds.core.naming.parse_builder_name_kwargs(name)[0].namespace
   if namespace:  # Such builders (huggingface:, kaggle:) fetch over the network.
     raise ValueError(f'Dataset {name!r}: namespaced datasets ({namespace}:) '
@@ -172,7 +183,8 @@ def _load_builder(cfg, name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     b = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f'Unknown dataset {name!r}: no TFDS builder has this '
-                     f'name (use "digits" for the offline demo).') from None
+                     f'name (the offline demos: {sorted(LOCAL_BUILDERS)}).'
+                     ) from None
   if not b.is_prepared():
     msg = (f'Dataset {name!r} is not prepared in data_dir {data_dir!r} '
            f'(no {b.data_dir}/dataset_info.json) and this program never '

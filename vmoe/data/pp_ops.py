@@ -9,6 +9,9 @@ Per-example ops (data: dict of one example's tensors; images [H, W, C]):
   off=0.0) (key='label', key_result='labels'), keep(*keys), randaug(num_layers=2,
   magnitude=10) (see randaug.py).
 Batch ops (data: dict of a batch's tensors, [B, ...]): mixup(alpha=0.2).
+Joint image / segmentation mask ops (seg_resize, seg_random_scale_crop,
+seg_flip_lr, seg_pad, seg_remap, mask_channel, seg_labels): see seg_ops.py;
+importing this module registers them too.
 
 Image ops read data[key] (default 'image') and write data[key_result] (default:
 the same key). Random ops use TF stateless random ops seeded by the seed they
@@ -16,33 +19,15 @@ are given (see registry.compose), so a pipeline is reproducible and resumable.
 """
 import tensorflow as tf
 
+from vmoe.data import image_utils
 from vmoe.data import randaug as _randaug  # noqa: F401  # pylint: disable=unused-import
 from vmoe.data import registry
+from vmoe.data import seg_ops as _seg_ops  # noqa: F401  # pylint: disable=unused-import
 from vmoe.data.registry import keyed, register
 
 # Ops whose input is an encoded image: the pipeline leaves the tfds Image
 # features they read undecoded, so decoding (and cropping) happens only once.
 DECODE_OPS = ('decode', 'decode_jpeg_and_inception_crop')
-
-
-def _hw(h, w=None) -> tuple[int, int]:
-  """(h) -> (h, h); (h, w) or ([h, w]) -> (h, w)."""
-  if isinstance(h, (list, tuple)):
-    if w is not None or len(h) != 2:
-      raise ValueError(f'Expected a size H, (H, W) or H, W; got {h!r}, {w!r}.')
-    h, w = h
-  return int(h), int(h if w is None else w)
-
-
-def _to_dtype(x: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-  """Casts float results back to the input dtype, rounding for integers."""
-  if dtype.is_integer:
-    x = tf.round(x)
-  return tf.saturate_cast(x, dtype)
-
-
-def _resize(image, size, method):
-  return _to_dtype(tf.image.resize(image, size, method=method), image.dtype)
 
 
 def _as_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
@@ -89,8 +74,8 @@ def decode(channels=3):
 @keyed('image')
 def resize(h, w=None, method='bilinear'):
   """Resizes to [h, w] (w defaults to h); keeps the dtype (uint8 rounded)."""
-  size = _hw(h, w)
-  return lambda image, seed: _resize(image, size, method)
+  size = image_utils.hw(h, w)
+  return lambda image, seed: image_utils.resize(image, size, method)
 
 
 @register('resize_small')
@@ -101,7 +86,7 @@ def resize_small(size):
   def f(image, seed):
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     new_hw = tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32)
-    return _resize(image, new_hw, 'area')
+    return image_utils.resize(image, new_hw, 'area')
 
   return f
 
@@ -110,7 +95,7 @@ def resize_small(size):
 @keyed('image')
 def central_crop(h, w=None):
   """Crops the central [h, w] window (w defaults to h)."""
-  h, w = _hw(h, w)
+  h, w = image_utils.hw(h, w)
 
   def f(image, seed):
     dy = (tf.shape(image)[0] - h) // 2
@@ -129,7 +114,7 @@ def inception_crop(size=None, area_min=5, area_max=100, method='bilinear'):
     begin, crop_size = _crop_box(tf.shape(image), seed, area_min, area_max)
     crop = tf.slice(image, begin, crop_size)
     crop.set_shape([None, None, image.shape[-1]])
-    return _resize(crop, _hw(size), method) if size else crop
+    return image_utils.resize(crop, image_utils.hw(size), method) if size else crop
 
   return f
 
@@ -161,7 +146,7 @@ def decode_jpeg_and_inception_crop(size=None, area_min=5, area_max=100,
       crop = tf.cond(tf.io.is_jpeg(image), jpeg,
                      lambda: crop_decoded(_decode(image, 3), seed))
     crop.set_shape([None, None, 3])
-    return _resize(crop, _hw(size), method) if size else crop
+    return image_utils.resize(crop, image_utils.hw(size), method) if size else crop
 
   return f
 

@@ -6,20 +6,29 @@ Per MoE layer, over an eval split, from the routing each token actually got:
 - routing entropy: of the aggregate load (1 = perfectly balanced) and of the per-token
   router softmax (low = confident),
 - fraction of tokens dropped (processed by no expert),
-- specialisation: mutual information between the image's class and the expert a token
-  goes to, divided by the class entropy (0 = experts ignore the class, 1 = the expert
+- specialisation: mutual information between the token's class and the expert it goes
+  to, divided by the class entropy (0 = experts ignore the class, 1 = the expert
   determines the class),
 - a recommendation: layers whose specialisation is below `threshold` x the best layer's
   are candidates to make dense or remove (ViMoE keeps the layers that specialise),
 - for routers trained with super-classes (Mobile V-MoE), the super-class x expert counts:
   does each super-class go to its own expert?
+
+A token's class: a classifier's image label; a segmenter's majority pixel class of the
+token's patch (patch_labels; ViMoE finds that shallow MoE layers do not specialise by it),
+none for its class token and for patches of ignored pixels only.
 """
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vmoe.nn import spec as spec_lib
 from vmoe.train import evaluator
 from vmoe.utils import files
+
+# Pixel class names of the segmentation datasets, by TFDS name: the heatmaps' rows.
+CLASS_NAMES = {'digit_scenes': ('background',) + tuple(str(d) for d in range(10))}
+Batch = Mapping[str, np.ndarray]
 
 
 class RoutingStats:
@@ -34,19 +43,27 @@ class RoutingStats:
 
   def add(self, buffer_slot: np.ndarray, labels: np.ndarray, valid: np.ndarray,
           logits: Optional[np.ndarray] = None):
-    """buffer_slot: [G, S, E] (-1 = not routed); labels, valid: [B] of the batch's images.
+    """buffer_slot: [G, S, E] (-1 = not routed); valid: [B] of the batch's images;
+    labels: [B] per image (every token gets its image's) or [B, T] per token (-1: no
+    class, e.g. a class token: counted as routed or dropped, not by class).
 
     Groups hold whole images in order, so token i of the flattened [G * S] belongs to
     image i // T with T = G * S / B.
     """
     g, s, e = buffer_slot.shape
     routed = (buffer_slot >= 0).reshape(g * s, e)
-    t = g * s // labels.shape[0]
-    img_labels = np.repeat(labels, t)
+    b = valid.shape[0]
+    t = g * s // b
+    if labels.ndim == 1:
+      labels = np.repeat(labels[:, None], t, axis=1)
+    if labels.shape != (b, t):
+      raise ValueError(f'Per-token labels of shape {labels.shape} do not match the '
+                       f'{b} images x {t} tokens of the routing.')
     img_valid = np.repeat(valid, t).astype(bool)
-    routed, img_labels = routed[img_valid], img_labels[img_valid]
-    np.add.at(self.class_expert, (img_labels[:, None].repeat(e, 1)[routed],
-                                  np.broadcast_to(np.arange(e), routed.shape)[routed]), 1)
+    routed, token_labels = routed[img_valid], labels.reshape(-1)[img_valid]
+    counted = routed & (token_labels >= 0)[:, None]
+    np.add.at(self.class_expert, (token_labels[:, None].repeat(e, 1)[counted],
+                                  np.broadcast_to(np.arange(e), routed.shape)[counted]), 1)
     self.tokens += int(img_valid.sum())
     self.dropped += int((~routed.any(axis=1)).sum())
     if logits is not None and logits.ndim == 3:
@@ -114,12 +131,50 @@ def moe_intermediates(inter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarra
   return dict(sorted(out.items(), key=lambda kv: int(kv[0].rsplit('_', 1)[-1])))
 
 
-def collect(forward, params, iterable, num_classes: int) -> dict[str, RoutingStats]:
+def patch_labels(labels: np.ndarray, patch_size: tuple[int, int], ignore_label: int
+                 ) -> np.ndarray:
+  """The majority pixel class of each patch: labels [B, H, W] int -> [B, gh * gw] int, in
+  the patch embedding's (row-major) token order, -1 for a patch of ignored pixels only.
+
+  Pixels equal to ignore_label are not counted; a tie goes to the smallest class id.
+  Rows and columns past the last whole patch (H % ph, W % pw) are not in any token.
+  """
+  labels = np.asarray(labels)
+  (b, h, w), (ph, pw) = labels.shape, patch_size
+  gh, gw = h // ph, w // pw
+  # [B, gh, ph, gw, pw] -> one row of ph * pw pixels per patch.
+  pixels = labels[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw)
+  pixels = pixels.transpose(0, 1, 3, 2, 4).reshape(b * gh * gw, ph * pw)
+  keep = pixels != ignore_label
+  if not keep.any():
+    return -np.ones((b, gh * gw), np.int64)
+  k = int(pixels[keep].max()) + 1
+  patch = np.broadcast_to(np.arange(pixels.shape[0])[:, None], pixels.shape)
+  counts = np.bincount(patch[keep] * k + pixels[keep], minlength=pixels.shape[0] * k)
+  counts = counts.reshape(pixels.shape[0], k)
+  return np.where(keep.any(axis=1), counts.argmax(axis=1), -1).reshape(b, gh * gw)
+
+
+def token_labels(labels: np.ndarray, spec: spec_lib.ModelSpec, ignore_label: int
+                 ) -> np.ndarray:
+  """A segmenter's per-token classes [B, T] from its pixel labels [B, H, W]: the patches'
+  (patch_labels), after -1 for the class token if the model has one."""
+  out = patch_labels(labels, spec.patch_size, ignore_label)
+  if spec.classifier == 'token':  # Token 0.
+    out = np.concatenate([-np.ones_like(out[:, :1]), out], axis=1)
+  return out
+
+
+def collect(forward, params, iterable, num_classes: int,
+            labels_of: Callable[[Batch], np.ndarray] = evaluator.labels_of
+            ) -> dict[str, RoutingStats]:
   """One pass of `forward` (evaluator.Forward with intermediates) over an eval set ->
-  {'encoderblock_i': RoutingStats} for every sparse MoE layer."""
+  {'encoderblock_i': RoutingStats} for every sparse MoE layer. labels_of: batch -> the
+  classes of its images [B] (default: the one-hot 'labels') or of its tokens [B, T]
+  (token_labels for a segmenter)."""
   stats = {}
   for batch, _, inter in forward.batches(params, iterable):
-    labels, valid = evaluator.labels_of(batch), batch['__valid__']
+    labels, valid = labels_of(batch), batch['__valid__']
     for layer, out in moe_intermediates(inter).items():
       if 'buffer_slot' not in out:
         continue  # Soft MoE: no token-to-expert assignment to count.

@@ -4,11 +4,14 @@ One multiply-add counts as 2 FLOPs. Counted: patch embedding, attention (project
 scores, weighted sum), dense MLPs, routers, the expert MLPs of MoE layers (every buffer
 slot an expert processes, filled or not, so it follows the capacity actually used), shared
 experts, Soft MoE's dispatch and combine (weighted sums that are part of its algorithm),
-MAP head, pre-logits and head. Not counted: LayerNorm, softmax, GELU, residual adds and the
-sparse dispatch/combine data movement, whose cost depends on the dispatch kind and the
-hardware (with 'indices' dispatch it is a gather, no multiply-adds). E3 (ensemble_size M):
+MAP head, pre-logits and head, or a segmenter's decoder instead (its dense layers and
+convolutions: vmoe.nn.decoders.flops_per_image). Not counted: LayerNorm, softmax, GELU,
+residual adds, resizes and the sparse dispatch/combine data movement, whose cost depends
+on the dispatch kind and the hardware (with 'indices' dispatch it is a gather, no
+multiply-adds). E3 (ensemble_size M):
 every block from the first MoE block on, and the head, run once per member, M times.
 """
+from vmoe.nn import decoders
 from vmoe.nn import spec as spec_lib
 
 
@@ -54,6 +57,8 @@ def flops_per_image(spec: spec_lib.ModelSpec) -> float:
     else:  # E3: each copy's router scores its member's E / M experts.
       router = 2 * t * d * moe.num_experts // m
     total += (router + mlp * slots + moe.shared_experts * mlp * t) * m
+  if spec.segmenter:
+    return float(total + decoders.flops_per_image(spec.decoder, spec))
   head = 0
   if spec.classifier == 'map':
     head += _attention(1, d, t) + mlp

@@ -3,8 +3,10 @@
 Each variant is the config with some keys changed (sweep_spec.parse), e.g. a lower
 capacity factor, fewer experts per token or batch prioritized routing. Every variant is
 validated before the first one compiles; each compiles once and is evaluated on one
-eval set. Per variant: accuracy, loss, the fraction of tokens each MoE layer dropped,
-forward GFLOPs per image at the variant's actual capacity, images/s and compile time.
+eval set. Per variant: a classifier's accuracy, loss and ECE, or a segmenter's mIoU, pixel
+accuracy, mean (per-class) accuracy and loss; the fraction of tokens each MoE layer
+dropped, forward GFLOPs per image at the variant's actual capacity, images/s and compile
+time.
 """
 import contextlib
 import dataclasses
@@ -38,7 +40,7 @@ class Variant:
   values: Mapping[str, Any]
   data: config_lib.Data
   iterable: Any  # pipeline.EvalIterable; variants with the same eval config share one.
-  loss: losses.Loss
+  loss: losses.AnyLoss
 
 
 def resolve(config, values: Sequence[Mapping[str, Any]], *, eval_set: str,
@@ -90,18 +92,27 @@ def run(config, params, variants: Sequence[Variant]) -> list[dict]:
     rows.append(_row(v, result, compile_s[0], seconds - compile_s[0]))
     logging.info('Sweep %s: %s', describe(v.values), rows[-1])
     progress.advance()
-    console.say(f'{describe(v.values)}: accuracy {rows[-1]["accuracy"]:.4f}, dropped '
+    name, value = evaluator.headline(result)
+    console.say(f'{describe(v.values)}: {name} {value:.4f}, dropped '
                 f'{rows[-1]["dropped_mean"]:.3f}, {rows[-1]["gflops_per_image"]:.4g} '
                 f'GFLOPs/image, {rows[-1]["images_per_s"]:.0f} images/s')
-    progress.report(accuracy=rows[-1]['accuracy'])
+    progress.report(**{name: value})
   progress.close()
   return rows
 
 
+# The quality columns of a row, by the evaluator's headline metric: {row column: key of
+# the evaluator's metrics}. The first column is the one plotted.
+QUALITY = {'prec@1': {'accuracy': 'prec@1', 'loss': 'loss', 'ece': 'ece'},
+           'miou': {'miou': 'miou', 'pixel_accuracy': 'pixel_accuracy',
+                    'mean_accuracy': 'mean_accuracy', 'loss': 'loss'}}
+
+
 def _row(v: Variant, result: Mapping[str, float], compile_s: float, seconds: float) -> dict:
   dropped = {k: r for k, r in result.items() if k.startswith('dropped/')}
+  quality = QUALITY[evaluator.headline(result)[0]]
   return {**{sweep_spec.short_name(k): x for k, x in v.values.items()},
-          'accuracy': result['prec@1'], 'loss': result['loss'], 'ece': result['ece'],
+          **{column: result[key] for column, key in quality.items()},
           'dropped_mean': float(np.mean(list(dropped.values()))) if dropped else 0.0,
           **dropped,
           'gflops_per_image': flops.flops_per_image(v.data.model) / 1e9,
@@ -134,16 +145,25 @@ def write(rows: Sequence[dict], out_dir: str, *, title: str = '') -> dict[str, s
 
 
 def _metric_keys(rows):
-  return {'accuracy', 'loss', 'dropped_mean', 'gflops_per_image', 'images_per_s',
-          'compile_s'} | {k for r in rows for k in r if k.startswith('dropped/')}
+  return ({'dropped_mean', 'gflops_per_image', 'images_per_s', 'compile_s'}
+          | {k for quality in QUALITY.values() for k in quality}
+          | {k for r in rows for k in r if k.startswith('dropped/')})
+
+
+def _quality_key(rows) -> str:
+  """The row column plotted, the first of QUALITY's: accuracy or mIoU."""
+  firsts = [next(iter(quality)) for quality in QUALITY.values()]
+  return next(k for k in firsts if k in rows[0])
 
 
 def plot(rows: Sequence[dict], path: str, *, title: str = ''):
-  """Accuracy against the first swept key (capacity_factor if swept) and against
-  GFLOPs per image; one line per setting of the other swept keys."""
+  """The quality (a classifier's accuracy, a segmenter's mIoU) against the first swept
+  key (capacity_factor if swept) and against GFLOPs per image; one line per setting of
+  the other swept keys."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  y_key = _quality_key(rows)
   swept = [k for k in rows[0] if k not in _metric_keys(rows)]
   x_key = 'capacity_factor' if 'capacity_factor' in swept else swept[0]
   others = [k for k in swept if k != x_key]
@@ -152,17 +172,17 @@ def plot(rows: Sequence[dict], path: str, *, title: str = ''):
     lines.setdefault(tuple((k, r[k]) for k in others), []).append(r)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for label, rs in lines.items():
-    name = ', '.join(f'{k}={v}' for k, v in label) or 'accuracy'
+    name = ', '.join(f'{k}={v}' for k, v in label) or y_key
     numeric = all(isinstance(r[x_key], (int, float)) for r in rs)
     rs = sorted(rs, key=lambda r: r[x_key]) if numeric else rs
     xs = [r[x_key] if numeric else str(r[x_key]) for r in rs]
-    axes[0].plot(xs, [100 * r['accuracy'] for r in rs], 'o-', label=name)
-    axes[1].plot([r['gflops_per_image'] for r in rs], [100 * r['accuracy'] for r in rs],
-                 'o-', label=name)
+    ys = [100 * r[y_key] for r in rs]
+    axes[0].plot(xs, ys, 'o-', label=name)
+    axes[1].plot([r['gflops_per_image'] for r in rs], ys, 'o-', label=name)
   axes[0].set_xlabel(x_key)
   axes[1].set_xlabel('forward GFLOPs per image (at the actual capacity)')
   for ax in axes:
-    ax.set_ylabel('accuracy (%)')
+    ax.set_ylabel(f'{"mIoU" if y_key == "miou" else y_key} (%)')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   if title:

@@ -1,7 +1,9 @@
 """Model configs, resolved once: the reference's schema -> a frozen ModelSpec -> the model.
 
 The schema is the `model_kwargs` of google-research/vmoe configs (see
-tests/fixtures/vmoe_reference/*_config.json), with an optional `name`. `resolve` checks
+tests/fixtures/vmoe_reference/*_config.json), with an optional `name`, and an optional
+`decoder` that makes the model a segmenter: {'name': 'linear'} or
+{'name': 'fpn', 'layers': (3, 5), 'dim': 32} (vmoe/nn/decoders.py). `resolve` checks
 every key and value, with one ValueError naming the key and the fix, before anything is
 traced, and returns the ModelSpec (vmoe/nn/spec.py) that everything downstream reads. It
 never edits the config.
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vmoe.nn import decoders
 from vmoe.nn import precision
 from vmoe.nn import routers as routers_lib
 from vmoe.nn import routing
@@ -37,10 +40,11 @@ MODELS = {'VisionTransformerMoe': vit.VisionTransformerMoe,
           'VisionTransformerMoeEnsemble': vit.VisionTransformerMoe}
 ENSEMBLE = 'VisionTransformerMoeEnsemble'
 MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'classifier',
-              'representation_size', 'head_bias_init', 'head_kernel_zero_init')
+              'representation_size', 'head_bias_init', 'head_kernel_zero_init', 'decoder')
 ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
                 'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb',
                 'compute_dtype', 'scan', 'remat')
+DECODER_KEYS = ('name', 'layers', 'dim')
 MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts',
             'dropout_rate', 'ensemble_size')
 # Dispatcher options of the reference with no effect here: {option: why}.
@@ -73,14 +77,19 @@ def resolve(config: Any, *, image_size: Optional[Sequence[int]] = None,
                      'width), e.g. (16, 16).')
   hidden = checks.positive_int(checks.required(c, 'hidden_size', 'model'), 'model.hidden_size')
   classifier = checks.one_of(c.get('classifier', 'token'), vit.CLASSIFIERS, 'model.classifier')
+  enc = checks.required(c, 'encoder', 'model')
+  if c.get('decoder') is not None:
+    _check_segmenter(c, name, classifier, enc)
+  encoder = _encoder(enc, hidden, c.get('num_classes'), name == ENSEMBLE)
+  decoder = (None if c.get('decoder') is None else
+             _decoder(c['decoder'], encoder.num_layers, tuple(patch)))
   spec = ModelSpec(
       name=name, num_classes=c.get('num_classes'), patch_size=tuple(patch),
       hidden_size=hidden, classifier=classifier,
       representation_size=c.get('representation_size'),
       head_bias_init=c.get('head_bias_init', 0.0),
-      head_kernel_zero_init=c.get('head_kernel_zero_init', True),
-      encoder=_encoder(checks.required(c, 'encoder', 'model'), hidden, c.get('num_classes'),
-                       name == ENSEMBLE))
+      head_kernel_zero_init=c.get('head_kernel_zero_init', True), decoder=decoder,
+      encoder=dataclasses.replace(encoder, feature_layers=decoder.layers if decoder else ()))
   return spec if image_size is None else _at(spec, tuple(image_size))
 
 
@@ -99,7 +108,8 @@ def build_model(config: Any, image_size: int | Sequence[int], *,
   """The flax module of a model config (a dict or ConfigDict: `config.model` of a vmoe
   config or of the reference's config files, as is) for images of `image_size` (h, w, or
   one int for square images): resolve, then build. Its `spec` is the resolved ModelSpec;
-  module.apply({'params': p}, images [B, h, w, 3], train=False) -> (logits, metrics)."""
+  module.apply({'params': p}, images [B, h, w, 3], train=False) -> (logits, metrics),
+  logits [B, num_classes], or float32 [B, h, w, num_classes] for a segmenter."""
   if checks.is_int(image_size):
     image_size = (image_size, image_size)
   return build(resolve(config, image_size=image_size, overrides=overrides), moe_sharding)
@@ -146,6 +156,69 @@ def router_layout_hint(missing, unexpected) -> str:
             '(Encoder/image_router), the model one per MoE layer: set '
             "model.encoder.moe.router.scope='model'.")
   return ''
+
+
+def _check_segmenter(c: Mapping[str, Any], name: str, classifier: str,
+                     enc: Mapping[str, Any]):
+  """What a model with a decoder cannot be (c: the model config, enc: its encoder's)."""
+  if name == ENSEMBLE:
+    raise ValueError(f"model.name='{ENSEMBLE}' (E3) cannot take a model.decoder (its "
+                     'members average image logits); use model.name='
+                     "'VisionTransformerMoe' for a segmenter, or remove model.decoder.")
+  if classifier == 'map':
+    raise ValueError("model.classifier='map' pools the tokens into one vector, but a "
+                     'segmenter (model.decoder) reads every patch token; use '
+                     "'token' (its class token is dropped before the decoder), 'gap' or '0'.")
+  if c.get('representation_size') is not None:
+    raise ValueError(f'model.representation_size={c["representation_size"]!r} is a '
+                     "classifier's pre-logits layer; a segmenter (model.decoder) has "
+                     'none: set it to None.')
+  k = c.get('num_classes')
+  if not checks.is_int(k) or k < 1:
+    raise ValueError(f'model.num_classes={k!r} must be a positive integer with '
+                     'model.decoder: the pixel classes the decoder predicts.')
+  moe = enc.get('moe') or {}
+  if moe.get('layers') and (moe.get('router') or {}).get('superclasses') is not None:
+    raise ValueError('model.encoder.moe.router.superclasses: super-class guided routing '
+                     'learns from image labels, and a segmenter (model.decoder) has '
+                     'labels per pixel only; remove superclasses.')
+
+
+def _decoder(decoder: Any, num_layers: int, patch: tuple[int, int]
+             ) -> spec_lib.DecoderSpec:
+  """The DecoderSpec of `model.decoder`, for an encoder of `num_layers` blocks and
+  patches of `patch`."""
+  where = 'model.decoder'
+  if not isinstance(decoder, Mapping):
+    raise ValueError(f"{where}={decoder!r} must be a dict, e.g. {{'name': 'linear'}} or "
+                     "{'name': 'fpn', 'layers': (3, 5), 'dim': 32}, or None for a "
+                     'classifier.')
+  checks.check_keys(decoder, DECODER_KEYS, where)
+  name = checks.one_of(checks.required(decoder, 'name', where), sorted(decoders.DECODERS),
+                       f'{where}.name')
+  layers, dim = decoder.get('layers') or (), decoder.get('dim')
+  if name == 'linear':
+    if layers or dim is not None:
+      raise ValueError(f"{where}: 'linear' classifies the final patch tokens alone; remove "
+                       f"layers={layers!r} and dim={dim!r} (they configure 'fpn').")
+    return spec_lib.DecoderSpec(name)
+  if num_layers < 2:
+    raise ValueError(f"{where}.name='fpn' needs the outputs of earlier blocks, but "
+                     f'model.encoder.num_layers={num_layers}; use more blocks or '
+                     "'linear'.")
+  if (not isinstance(layers, (list, tuple)) or not layers
+      or not all(checks.is_int(i) and 0 <= i < num_layers - 1 for i in layers)
+      or list(layers) != sorted(set(layers))):
+    example = tuple(sorted({(num_layers - 1) // 3, 2 * (num_layers - 1) // 3}))
+    raise ValueError(f'{where}.layers={layers!r} must be increasing block indices in [0, '
+                     f'{num_layers - 1}) (num_layers={num_layers}; the last block gives the '
+                     f'final encoder output, always the last level), e.g. {example}.')
+  if not checks.is_int(dim) or dim < 1:
+    raise ValueError(f"{where}.dim={dim!r} must be a positive integer (the 'fpn' "
+                     'channels), e.g. 64.')
+  spec = spec_lib.DecoderSpec(name, tuple(layers), dim)
+  decoders.check(spec, patch)
+  return spec
 
 
 def _encoder(enc: Mapping[str, Any], hidden: int, num_classes: Optional[int],

@@ -1,10 +1,10 @@
 """The resolved description of a model: what vmoe.nn.models.resolve makes of a config.
 
-Frozen dataclasses; the model (vit.py, moe.py), its routers, the input checks, FLOPs, the
-planner and the evaluator read them instead of the config. Every default is filled in,
-every derived number (tokens per image, capacity, groups) computed once, in
-vmoe.nn.models. `image_size` is None for a spec resolved from the config alone (enough
-to validate it); a model is built from a spec resolved for its image size.
+Frozen dataclasses; the model (vit.py, moe.py, decoders.py), its routers, the input
+checks, FLOPs, the planner and the evaluator read them instead of the config. Every
+default is filled in, every derived number (tokens per image, capacity, groups) computed
+once, in vmoe.nn.models. `image_size` is None for a spec resolved from the config alone
+(enough to validate it); a model is built from a spec resolved for its image size.
 """
 import dataclasses
 from typing import Any, Optional
@@ -120,6 +120,9 @@ class MoeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
+  """The encoder's blocks. feature_layers: the blocks (0-based, increasing) whose output
+  tokens the encoder also returns (a segmenter's 'fpn' decoder reads them); with scan no
+  segment runs past one of them (vmoe.nn.vit.Encoder.segments)."""
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -133,6 +136,7 @@ class EncoderSpec:
   remat: str = 'none'  # A vmoe.nn.vit.REMAT policy name.
   moe_layers: tuple[int, ...] = ()
   moe: Optional[MoeSpec] = None
+  feature_layers: tuple[int, ...] = ()
 
   def moe_at(self, i: int) -> Optional[MoeSpec]:
     """The MoE layer of block i, or None for a dense block."""
@@ -140,8 +144,22 @@ class EncoderSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+  """A segmentation head on the encoder's patch tokens (vmoe/nn/decoders.py).
+
+  name: 'linear' (a per-patch classifier, upsampled) or 'fpn' (a feature pyramid of the
+  outputs of encoder blocks `layers`, 0-based and increasing, and of the final encoder
+  output, with `dim` channels); 'linear' has no layers and dim None.
+  """
+  name: str
+  layers: tuple[int, ...] = ()
+  dim: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """A ViT / V-MoE classifier; `image_size` (h, w) once resolved for an input size."""
+  """A ViT / V-MoE classifier, or with `decoder` a segmenter (logits per pixel,
+  num_classes pixel classes); `image_size` (h, w) once resolved for an input size."""
   name: str
   num_classes: Optional[int]
   patch_size: tuple[int, int]
@@ -152,6 +170,12 @@ class ModelSpec:
   head_bias_init: float = 0.0
   head_kernel_zero_init: bool = True
   image_size: Optional[tuple[int, int]] = None
+  decoder: Optional[DecoderSpec] = None
+
+  @property
+  def segmenter(self) -> bool:
+    """The model labels every pixel (a decoder head) instead of the image."""
+    return self.decoder is not None
 
   @property
   def grid(self) -> tuple[int, int]:

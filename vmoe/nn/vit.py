@@ -4,7 +4,8 @@ Names follow google-research/vmoe and vision_transformer (embedding, cls,
 Encoder/posembed_input, Encoder/encoderblock_{i}/{LayerNorm_0, SelfAttention, LayerNorm_1,
 Mlp | Moe}, Encoder/encoder_norm, pre_logits, head), so released checkpoints load as is.
 With encoder.scan, repeated blocks live under Encoder/scan_{a}_{p}x{r}/block_{j} with a
-leading layer axis instead (vmoe/nn/scan.py converts between the two).
+leading layer axis instead (vmoe/nn/scan.py converts between the two). A segmenter's
+decoder (vmoe/nn/decoders.py) lives under `decoder`, in place of pre_logits and head.
 """
 from typing import Optional
 
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vmoe.nn import decoders
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import precision
 from vmoe.nn import scan as scan_lib
@@ -116,7 +118,8 @@ class Encoder(nn.Module):
   first MoE block (after `image_router_norm`), and hands the decision to every MoE block;
   its metrics are metrics['image_router']. E3 (spec.moe.ensemble_size M > 1) repeats
   every image M times (jnp.repeat, axis 0) before the first MoE block, as the reference:
-  from there on x is [B*M, T, D] (vmoe/nn/ensemble.py).
+  from there on x is [B*M, T, D] (vmoe/nn/ensemble.py). It also returns the outputs of
+  blocks spec.feature_layers (a segmenter's 'fpn' decoder reads them).
   """
   spec: spec_lib.EncoderSpec
   moe_sharding: Optional[moe_lib.Sharding] = None
@@ -125,14 +128,14 @@ class Encoder(nn.Module):
     """The scanned segments (none without scan); MoE blocks differ from dense ones."""
     if not self.spec.scan:
       return ()
-    kinds = [i in self.spec.moe_layers for i in range(self.spec.num_layers)]
-    cut = self._first_moe_block()
-    if cut is None:
-      return scan_lib.layout(kinds)
-    # The image router reads the input of the first MoE block, E3 repeats it: no segment
-    # spans that point.
-    after = scan_lib.layout(kinds[cut:])
-    return scan_lib.layout(kinds[:cut]) + tuple(s._replace(start=s.start + cut) for s in after)
+    n = self.spec.num_layers
+    kinds = [i in self.spec.moe_layers for i in range(n)]
+    # No segment spans a cut: the image router reads the input of the first MoE block
+    # and E3 repeats it; a feature layer's output must exist outside the scan.
+    cuts = {i + 1 for i in self.spec.feature_layers} | {self._first_moe_block()}
+    bounds = [0, *sorted(c for c in cuts if c is not None and 0 < c < n), n]
+    return tuple(s._replace(start=s.start + a) for a, b in zip(bounds, bounds[1:])
+                 for s in scan_lib.layout(kinds[a:b]))
 
   def _first_moe_block(self) -> Optional[int]:
     """The block before which the encoder routes the images (model router) or repeats
@@ -145,7 +148,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
                labels: Optional[Array] = None):
-    """x: [B, T, D] (T = h*w, or h*w + 1 with a class token) -> ([B, T, D], metrics)."""
+    """x: [B, T, D] (T = h*w, or h*w + 1 with a class token) -> ([B, T, D], metrics,
+    features: the [B, T, D] outputs of blocks spec.feature_layers, in order)."""
     spec = self.spec
     if spec.position_emb == 'learned':
       x = _AddPositionEmbs(name='posembed_input')(x)
@@ -155,7 +159,7 @@ class Encoder(nn.Module):
       emb = jnp.pad(emb, ((x.shape[1] - emb.shape[0], 0), (0, 0)))
       x = x + emb[None]
     x = nn.Dropout(spec.dropout_rate, deterministic=not train)(x)
-    metrics, routing = {}, None
+    metrics, routing, features = {}, None, []
     segments = {s.start: s for s in self.segments()}
     i = 0
     while i < spec.num_layers:
@@ -171,20 +175,22 @@ class Encoder(nn.Module):
         if m is not None:
           metrics[f'encoderblock_{i}'] = m
         i += 1
-        continue
-      x, ms = self._scan(seg, train)(x, labels, routing)
-      for k in range(seg.repeats):  # Per-layer metrics keep their unscanned keys.
-        for j, m in enumerate(ms):
-          if m is not None:
-            metrics[f'encoderblock_{seg.layer(k, j)}'] = jax.tree.map(lambda v: v[k], m)
-      self._unscan_intermediates(seg)
-      i += seg.period * seg.repeats
+      else:
+        x, ms = self._scan(seg, train)(x, labels, routing)
+        for k in range(seg.repeats):  # Per-layer metrics keep their unscanned keys.
+          for j, m in enumerate(ms):
+            if m is not None:
+              metrics[f'encoderblock_{seg.layer(k, j)}'] = jax.tree.map(lambda v: v[k], m)
+        self._unscan_intermediates(seg)
+        i += seg.period * seg.repeats
+      if i - 1 in spec.feature_layers:  # No segment runs past one (segments).
+        features.append(x)
     layers = sorted((k for k in metrics if k.startswith('encoderblock_')),
                     key=lambda k: int(k.rsplit('_', 1)[1]))
     aux = [metrics[k]['auxiliary_loss'] for k in layers + ['image_router']
            if 'auxiliary_loss' in metrics.get(k, {})]
     metrics['auxiliary_loss'] = sum(aux[1:], aux[0]) if aux else jnp.zeros((), x.dtype)
-    return nn.LayerNorm(name='encoder_norm')(x), metrics
+    return nn.LayerNorm(name='encoder_norm')(x), metrics, tuple(features)
 
   @nn.nowrap
   def _route_images(self, x: Array, train: bool, labels: Optional[Array]):
@@ -253,10 +259,14 @@ class MapHead(nn.Module):
 
 
 class VisionTransformerMoe(nn.Module):
-  """ViT classifier; with MoE layers (spec.encoder.moe_layers) it is a V-MoE.
+  """ViT classifier; with MoE layers (spec.encoder.moe_layers) it is a V-MoE; with a
+  decoder (spec.segmenter) a segmenter.
 
   __call__(images [B, H, W, 3], train, labels) -> (logits [B, num_classes], metrics);
-  E3 (VisionTransformerMoeEnsemble, spec.ensemble_size M > 1): logits [B*M, num_classes],
+  a segmenter's logits are float32 [B, H, W, num_classes], from its decoder on the patch
+  tokens (the class token, if any, dropped; vmoe/nn/decoders.py), and its labels are not
+  read (no router of a segmenter learns from them: models.resolve). E3
+  (VisionTransformerMoeEnsemble, spec.ensemble_size M > 1): logits [B*M, num_classes],
   row b*M + m member m of image b, as the reference (vmoe.train.losses combines them).
   spec: the resolved model (vmoe.nn.models.resolve(config, image_size=(H, W))).
   metrics['auxiliary_loss'] is [G] (summed over MoE layers) and metrics[block] holds each
@@ -283,8 +293,12 @@ class VisionTransformerMoe(nn.Module):
     if spec.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
-    x, metrics = Encoder(spec.encoder, self.moe_sharding, name='Encoder')(
-        x, (h, w), train=train, labels=labels)
+    x, metrics, features = Encoder(spec.encoder, self.moe_sharding, name='Encoder')(
+        x, (h, w), train=train, labels=None if spec.segmenter else labels)
+    if spec.segmenter:
+      grid = lambda y: y[:, y.shape[1] - h * w:].reshape(b, h, w, d)  # No class token.
+      decoder = decoders.DECODERS[spec.decoder.name](spec, name='decoder')
+      return decoder(grid(x), tuple(map(grid, features))), metrics
     if spec.classifier in ('token', '0'):
       x = x[:, 0]
     elif spec.classifier == 'gap':

@@ -91,7 +91,8 @@ class Run:
   model / eval_model: config.model and it with config.evaluate.model_overrides, from the
   config alone (no image size; each Data has its own, resolved for its images).
   optimizer: config.optimizer with config.initialization.freeze in its frozen_pattern.
-  loss: config.loss resolved for the model (E3: its ensemble members).
+  loss: config.loss resolved for the model (E3: its ensemble members; a segmenter's
+  losses.PixelLoss).
   train_steps: None for a train_epochs run until with_data. mesh: {axis: size}.
   """
   config: ml_collections.FrozenConfigDict
@@ -107,7 +108,7 @@ class Run:
   rng_names: tuple[str, ...] = ()
   mixup: Optional[dict[str, Any]] = None
   nonfinite: str = 'stop'
-  loss: losses.Loss = losses.Loss('softmax_xent')
+  loss: losses.AnyLoss = losses.Loss('softmax_xent')
 
   def entry(self, name: str) -> Data:
     return next(d for d in self.data if d.name == name)
@@ -149,6 +150,8 @@ def resolve(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> Run
       raise ValueError(f'config.{key} is required.')
   _check_schedule_keys(c)
   model = models.resolve(c['model'])
+  if model.segmenter:
+    _check_segmenter_options(c, model)
   eval_model = _eval_model(c)
   mesh = _mesh(c, num_devices, (model, eval_model))
   return Run(
@@ -157,7 +160,7 @@ def resolve(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> Run
       data=_data(c, num_devices, num_processes), mesh=mesh,
       optimizer=_optimizer(c), train_steps=c.get('train_steps'), seed=c.get('seed', 0),
       rng_names=_rng_names(c, model), mixup=_mixup(c),
-      loss=losses.resolve(c['loss'], model.ensemble_size, model.name),
+      loss=losses.resolve(c['loss'], model),
       nonfinite=checks.one_of(c.get('nonfinite', 'stop'), NONFINITE_MODES,
                               'config.nonfinite', ' (what a step with a NaN/Inf loss or '
                               'gradient norm does: stop the run, or skip that step)'))
@@ -187,6 +190,19 @@ def _check_schedule_keys(c: Mapping[str, Any]):
                      'None.')
   if c.get('initialization'):
     initialization.check_config(c['initialization'])
+
+
+def _check_segmenter_options(c: Mapping[str, Any], model: spec_lib.ModelSpec):
+  """Refuses the options that work on whole images and their classes."""
+  decoder = f'model.decoder.name={model.decoder.name!r}'
+  if c.get('mixup'):
+    raise ValueError(f'config.mixup={dict(c["mixup"])} mixes whole images and their '
+                     f'one-hot labels, but the model is a segmenter ({decoder}) with '
+                     'labels per pixel; drop config.mixup (set it to None).')
+  if c.get('fewshot'):
+    raise ValueError('config.fewshot: few-shot linear probes classify whole images from '
+                     f"a classifier's pre-logits, but the model is a segmenter ({decoder}); "
+                     'drop config.fewshot (set it to None).')
 
 
 def _eval_model(c: Mapping[str, Any]) -> spec_lib.ModelSpec:
@@ -390,7 +406,7 @@ def with_inputs(run: Run, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -
                        f'{model.tokens_per_image} tokens, but the learned position '
                        f'embedding is shaped by the {train_model.tokens_per_image} tokens '
                        f'of config.dataset.train; resize to {train_image[1:3]}.')
-    _check_labels(d, shapes[d.name], spec.num_classes)
+    _check_labels(d, shapes[d.name], spec)
     try:
       groups = model.groups(d.images_per_device)
     except ValueError as e:
@@ -411,11 +427,24 @@ def _config_of(run: Run, d: Data) -> dict:
   return dotted.with_values(model, dotted.flatten(overrides.to_dict() if overrides else {}))
 
 
-def _check_labels(d: Data, shapes: Mapping[str, tuple[int, ...]], num_classes):
+def _check_labels(d: Data, shapes: Mapping[str, tuple[int, ...]],
+                  spec: spec_lib.ModelSpec):
+  """A classifier's 'labels' are [B, num_classes] (one-hot), a segmenter's [B, H, W] (a
+  class id per pixel of the [B, H, W, C] images)."""
+  num_classes = spec.num_classes
   if not d.name.startswith('dataset.') or not num_classes:
     return
   labels = tuple(shapes.get('labels', ()))
-  if labels[-1:] != (num_classes,):
+  if spec.segmenter:
+    image = tuple(shapes['image'])
+    if labels != image[:3]:
+      raise ValueError(f'config.{d.name}.process gives "labels" of shape {labels} for '
+                       f'images of shape {image}, but a segmenter (config.model.decoder) '
+                       f'needs a class id per pixel, labels of shape {image[:3]} [B, H, W]: '
+                       'end the pp string with seg_labels (e.g. '
+                       '"decode|value_range(-1, 1)|seg_labels").')
+    return
+  if len(labels) != 2 or labels[-1] != num_classes:
     raise ValueError(f'config.{d.name}.process gives "labels" of shape {labels} but '
                      f'config.model.num_classes={num_classes}: one-hot them to {num_classes} '
                      f'classes (onehot({num_classes}, key="label", key_result="labels")) or '

@@ -36,9 +36,15 @@ def all_finite(tree) -> jax.Array:
                             if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, loss: losses.Loss,
-                    *, seed: int, rng_names, mixup_config, num_shards: int):
-  """Returns train_step(state, batch) -> (state, metrics: {name: []})."""
+def make_train_step(model, tx: optax.GradientTransformation, schedule,
+                    loss: losses.AnyLoss, *, seed: int, rng_names, mixup_config,
+                    num_shards: int):
+  """Returns train_step(state, batch) -> (state, metrics: {name: []}).
+
+  The main loss is loss.batch_loss (a classifier's mean over images, a segmenter's over
+  counted pixels) and the train metrics loss.train_metrics ('prec@1', or
+  'pixel_accuracy' for a segmenter).
+  """
   def train_step(state: TrainState, batch):
     rngs = train_state_lib.rng_streams(seed, state.step,
                                        tuple(rng_names) + ('mixup',))
@@ -50,16 +56,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, loss: los
 
     def loss_and_metrics(params):
       # Class ids, for routers that learn from them (super-class guided
-      # routing); with mixup, the class of the dominant example.
+      # routing); with mixup, the class of the dominant example; a segmenter's
+      # images have none.
       logits, metrics = model.apply({'params': params}, images, train=True,
-                                    labels=jnp.argmax(labels, axis=-1), rngs=rngs)
-      main_loss = jnp.mean(loss.train(logits, labels))
+                                    labels=loss.image_labels(labels), rngs=rngs)
+      main_loss = loss.batch_loss(logits, labels)
       auxiliary_loss = jnp.mean(metrics['auxiliary_loss'])
       metrics = summarize_metrics(metrics)
-      metrics.update(
-          main_loss=main_loss, auxiliary_loss=auxiliary_loss,
-          loss=main_loss + auxiliary_loss,
-          **{'prec@1': jnp.mean(losses.precision_at_1(loss.scores(logits), labels))})
+      metrics.update(main_loss=main_loss, auxiliary_loss=auxiliary_loss,
+                     loss=main_loss + auxiliary_loss,
+                     **loss.train_metrics(logits, labels))
       return main_loss + auxiliary_loss, metrics
 
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params)

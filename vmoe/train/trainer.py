@@ -42,6 +42,8 @@ from vmoe.utils import files
 
 P = jax.sharding.PartitionSpec
 TrainState = train_state_lib.TrainState
+# Keys of an evaluation's metrics that are counts, not scalars for TensorBoard.
+COUNTS = ('num_examples', 'num_pixels')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +168,9 @@ def restore_or_create(program: Program, ckpt: checkpoints.TrainCheckpointer) -> 
 
 
 class Evaluations:
-  """The run's evaluations: every eval split (prec@1, loss, dropped tokens) and the
-  few-shot probes; each writes its scalars and prints one line."""
+  """The run's evaluations: every eval split (evaluator.evaluate: a classifier's prec@1,
+  a segmenter's mIoU, per-class IoU and pixel accuracies; the loss; dropped tokens) and
+  the few-shot probes; each writes its scalars and prints one line."""
 
   def __init__(self, program: Program, inputs: Inputs, writer, timed):
     run = program.run
@@ -187,10 +190,9 @@ class Evaluations:
             self._program.eval_steps[d.name], params,
             (mesh_lib.global_batch(b, self._program.batch_sharding) for b in iterable),
             num_examples=iterable.num_examples)
-      console.say(f'Step {step}, {name}: prec@1={results[name]["prec@1"]:.4f} '
-                  f'loss={results[name]["loss"]:.4f}')
+      console.say(f'Step {step}, {name}: {evaluator.summary(results[name])}')
     self._writer.write_scalars(step, {f'{name}/{k}': v for name, r in results.items()
-                                      for k, v in r.items() if k != 'num_examples'})
+                                      for k, v in r.items() if k not in COUNTS})
     return results
 
   def fewshot(self, step: int, params) -> Optional[dict[str, float]]:
@@ -210,7 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Everything is checked before anything compiles: the config, the workdir, the datasets'
   metadata, then the shapes of the first batches.
 
-  Returns the final eval metrics {split: {'prec@1', 'loss', 'num_examples'}}, or None if
+  Returns the final eval metrics {split: evaluator.evaluate's dict} ({'prec@1', 'loss',
+  'ece', 'num_examples', ...}; a segmenter's {'miou', 'pixel_accuracy', ...}), or None if
   SIGTERM stopped the run (after saving a checkpoint). Raises NonFiniteError if a step is
   not finite and config.nonfinite is 'stop'.
   """
@@ -318,11 +321,12 @@ def _summary(program: Program, state: TrainState) -> str:
 
 def report_final(workdir: str, step: int, results: Mapping[str, Any], **info):
   """Prints one line per eval split (and for E3 one of its members) and writes
-  WORKDIR/final_metrics.json: {split: {'prec@1', 'loss', 'ece', 'num_examples', E3:
-  'member_{m}/...'}, 'step': ..., **info} (info: num_params,
-  train_seconds_per_step, train: the last report's train metrics, fewshot)."""
+  WORKDIR/final_metrics.json: {split: evaluator.evaluate's dict ({'prec@1', 'loss',
+  'ece', 'num_examples', E3: 'member_{m}/...'}, a segmenter's {'miou', 'iou/{c}', ...}),
+  'step': ..., **info} (info: num_params, train_seconds_per_step, train: the last
+  report's train metrics, fewshot)."""
   for name, r in results.items():
-    console.say(f'Final {name}: prec@1={r["prec@1"]:.4f} loss={r["loss"]:.4f} '
+    console.say(f'Final {name}: {evaluator.summary(r)} '
                 f'({r["num_examples"]} examples, step {step})')
     members = sorted(k.split('/')[0] for k in r if k.endswith('/prec@1'))
     if members:  # E3: the ensemble against its members.
