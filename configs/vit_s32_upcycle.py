@@ -60,18 +60,6 @@ def moe_layers() -> tuple[int, ...]:
   return common.every_n(2, common.VARIANTS[VARIANT]['num_layers'])
 
 
-def upcycle_rules(layers, num_experts: int) -> list[tuple]:
-  """vision_transformer / big_vision names -> ours; the MLPs of `layers` -> E experts."""
-  blocks = '|'.join(map(str, layers))
-  return [('rename', '^Transformer/', 'Encoder/'),
-          ('rename', '/MultiHeadDotProductAttention_[01]/', '/SelfAttention/'),
-          ('rename', '/LayerNorm_[12]/', '/LayerNorm_1/'),
-          ('rename', '/MlpBlock_[03]/', '/Mlp/'),
-          ('rename', rf'^(Encoder/encoderblock_({blocks}))/Mlp/', r'\1/Moe/Mlp/'),
-          ('expand_tile', '/Moe/Mlp/', num_experts),
-          ('reinit', '^head/')]
-
-
 def get_config(arg=None):
   a = common.parse_arg(arg, DEFAULTS)
   config = common.base_config(seed=a['seed'])
@@ -83,7 +71,8 @@ def get_config(arg=None):
       num_experts=a['num_experts'], num_selected_experts=a['k'],
       moe_layers=moe_layers(), representation_size=False)
   config.initialization = common.initialization_config(
-      source='npz', path=a['path'], rules=upcycle_rules(moe_layers(), a['num_experts']),
+      source='npz', path=a['path'],
+      rules=common.vit_upcycle_rules(moe_layers(), a['num_experts']),
       allow_missing='/Moe/Router/', allow_unused='^pre_logits/')
   config.loss = common.ConfigDict(dict(name='sigmoid_xent'))
   config.optimizer = common.paper_optimizer(peak_value=1e-3, warmup_steps=1_000)

@@ -31,6 +31,8 @@ def shrink(config: dict, tokens: int, batch_size: int) -> dict:
            'encoder.moe.group_size': 8 * tokens}
   if config['model'].get('representation_size'):
     model['representation_size'] = 16
+  if (config['model'].get('decoder') or {}).get('layers'):
+    model.update({'decoder.layers': (0,), 'decoder.dim': 8})
   values = {f'model.{k}': v for k, v in model.items()}
   values.update({f'dataset.{k}.batch_size': batch_size for k in config['dataset']})
   if config.get('fewshot'):
@@ -65,8 +67,10 @@ def test_config_trains_one_step_on_fake_data(path, tmp_path):
   patch = config['model']['patch_size'][0]
   tokens = 4 + (config['model'].get('classifier', 'token') == 'token')
   b, hw, c = 8 * n, 2 * patch, config['model']['num_classes']
+  segmenter = bool(config['model'].get('decoder'))
+  labels = (b, hw, hw) if segmenter else (b, c)  # Class ids per pixel, or one-hot.
   run = config_lib.resolve(shrink(config, tokens, b), num_devices=n)
-  run = config_lib.with_inputs(run, {d.name: {'image': (b, hw, hw, 3), 'labels': (b, c)}
+  run = config_lib.with_inputs(run, {d.name: {'image': (b, hw, hw, 3), 'labels': labels}
                                      for d in run.data})
   # train_epochs configs get their steps from the dataset's size (with_data).
   run = dataclasses.replace(run, train_steps=run.train_steps or 100_000)
@@ -76,7 +80,8 @@ def test_config_trains_one_step_on_fake_data(path, tmp_path):
   rng = np.random.default_rng(0)
   batch = mesh_lib.global_batch({
       'image': rng.uniform(-1, 1, (b, hw, hw, 3)).astype(np.float32),
-      'labels': np.eye(c, dtype=np.float32)[rng.integers(0, c, b)]},
+      'labels': (rng.integers(0, c, labels).astype(np.int32) if segmenter
+                 else np.eye(c, dtype=np.float32)[rng.integers(0, c, b)])},
       program.batch_sharding)
   with jax.set_mesh(program.mesh):
     state, metrics = program.train_step(state, batch)

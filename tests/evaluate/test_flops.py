@@ -61,7 +61,7 @@ def test_e3_counts_every_block_from_the_first_moe_block_once_per_member():
 def test_segmenter_counts_its_decoder_instead_of_the_head():
   """The encoder's FLOPs as the classifier's, plus the decoder's (vmoe.nn.decoders)."""
   seg = dict(CONFIG, representation_size=None, decoder={'name': 'fpn', 'layers': (0,),
-                                                         'dim': 4})
+                                                         'dim': 4, 'pool_scales': (1, 2)})
   spec = models.resolve(seg, image_size=(8, 8))
   encoder_only = models.resolve(dict(CONFIG, representation_size=None, num_classes=None),
                                 image_size=(8, 8))

@@ -19,7 +19,7 @@ from vmoe.utils import dotted
 
 # 16x16 images, patch 4: a 4x4 grid, 16 patches (+ the class token).
 IMAGES = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-FPN = {'name': 'fpn', 'layers': (0, 1), 'dim': 8}
+FPN = {'name': 'fpn', 'layers': (0, 1), 'dim': 8, 'pool_scales': (1, 3)}
 MOE = {'layers': (1, 2), 'num_experts': 4, 'group_size': 34,
        'router': {'num_selected_experts': 2, 'noise_std': 0.0,
                   'dispatcher': {'capacity_factor': 2.0}}}
@@ -45,17 +45,27 @@ def _params(model):
 
 def test_resolve_fills_the_decoder_and_the_feature_layers():
   spec = models.resolve(_config())
-  assert spec.segmenter and spec.decoder == spec_lib.DecoderSpec('fpn', (0, 1), 8)
+  assert spec.segmenter and spec.decoder == spec_lib.DecoderSpec('fpn', (0, 1), 8, (1, 3))
   assert spec.encoder.feature_layers == (0, 1)
   linear = models.resolve(_config(decoder={'name': 'linear'}))
   assert linear.decoder == spec_lib.DecoderSpec('linear') and linear.encoder.feature_layers == ()
   classifier = models.resolve(_config(decoder=None))
   assert not classifier.segmenter and classifier.encoder.feature_layers == ()
   assert decoders.scales(spec.decoder) == (4, 2, 1)
+  default = models.resolve(_config(decoder={'name': 'fpn', 'layers': (0,), 'dim': 8}))
+  assert default.decoder.pool_scales == decoders.POOL_SCALES == (1, 2, 3, 6)  # UperNet's.
+
+
+def test_pool_matrix_is_adaptive_average_pooling():
+  np.testing.assert_allclose(decoders.pool_matrix(4, 1), [[0.25] * 4])
+  # 4 positions into 3 bins: [0, 2), [1, 3), [2, 4), as adaptive average pooling.
+  np.testing.assert_allclose(decoders.pool_matrix(4, 3), [[.5, .5, 0, 0], [0, .5, .5, 0],
+                                                          [0, 0, .5, .5]])
+  assert decoders.pool_matrix(8, 6).sum(axis=1).tolist() == [1.0] * 6
 
 
 FPN_PARAMS = {'norm_0', 'norm_1', 'lateral_0', 'lateral_1', 'lateral_2', 'up_0_0', 'up_0_1',
-              'up_1_0', 'smooth_0', 'smooth_1', 'smooth_2', 'head'}
+              'up_1_0', 'pool_1', 'pool_3', 'smooth_0', 'smooth_1', 'smooth_2', 'head'}
 
 
 @pytest.mark.parametrize('decoder', [{'name': 'linear'}, FPN])
@@ -110,7 +120,7 @@ def test_feature_layers_cut_the_scanned_segments():
     spec = models.resolve(_config(**{'encoder.num_layers': 6, 'encoder.moe.layers': (1, 3, 5),
                                      'encoder.scan': True, 'decoder': decoder}))
     return vit.Encoder(spec.encoder).segments()
-  fpn = lambda layers: {'name': 'fpn', 'layers': layers, 'dim': 8}
+  fpn = lambda layers: {'name': 'fpn', 'layers': layers, 'dim': 8, 'pool_scales': ()}
   # D M D M D M: one segment of 3 units, unless a feature layer's output must exist.
   assert segments({'name': 'linear'}) == (Segment(0, 2, 3),)
   assert segments(fpn((3,))) == (Segment(0, 2, 2),)  # Blocks 4 and 5 unscanned.
@@ -122,7 +132,8 @@ def test_scan_gives_the_unscanned_logits():
   """Feature layer 3 ends a segment (blocks 0-3 as 2 units): same logits and features
   after converting the params."""
   config = _config(**{'encoder.num_layers': 6, 'encoder.moe.layers': (1, 3, 5),
-                      'decoder': {'name': 'fpn', 'layers': (3,), 'dim': 8}})
+                      'decoder': {'name': 'fpn', 'layers': (3,), 'dim': 8,
+                                  'pool_scales': (1, 2)}})
   plain = _model(config)
   scanned = _model(dotted.with_values(config, {'encoder.scan': True}))
   params = _params(plain)
@@ -151,14 +162,16 @@ def test_flops_hand_count_and_growth():
   g, d, c, dim = 16, 16, 3, 8
   assert decoders.flops_per_image(spec({'name': 'linear'}).decoder,
                                   spec({'name': 'linear'})) == 2 * g * d * c
-  two = spec({'name': 'fpn', 'layers': (0,), 'dim': dim})
+  two = spec({'name': 'fpn', 'layers': (0,), 'dim': dim, 'pool_scales': (1, 2)})
+  pool = 2 * (1 + 4) * d * dim
   lateral = 2 * 2 * g * d * dim
   up = 2 * g * dim * 4 * dim
   smooth = 2 * (4 * g + g) * 9 * dim * dim
   head = 2 * 4 * g * dim * c
-  assert decoders.flops_per_image(two.decoder, two) == lateral + up + smooth + head
+  assert decoders.flops_per_image(two.decoder, two) == pool + lateral + up + smooth + head
   values = [decoders.flops_per_image(s.decoder, s) for s in (
-      spec({'name': 'fpn', 'layers': (0,), 'dim': k}) for k in (4, 8, 16))]
+      spec({'name': 'fpn', 'layers': (0,), 'dim': k, 'pool_scales': (1,)})
+      for k in (4, 8, 16))]
   assert 0 < values[0] < values[1] < values[2]
 
 
@@ -168,10 +181,15 @@ def test_flops_hand_count_and_growth():
     ({'decoder': {}}, r'model.decoder.name is required'),
     ({'decoder': 'linear'}, r"model.decoder='linear' must be a dict, e.g."),
     ({'decoder': {'name': 'fpn', 'layer': (0,), 'dim': 8}},
-     r"Unknown key\(s\) \['layer'\] in model.decoder; valid keys: \['dim', 'layers', 'name'\]"),
+     r"Unknown key\(s\) \['layer'\] in model.decoder; valid keys: \['dim', 'layers', 'name', "
+     r"'pool_scales'\]"),
     ({'decoder': {'name': 'linear', 'layers': (0,)}},
-     r"'linear' classifies the final patch tokens alone; remove layers=\(0,\) and dim=None"),
-    ({'decoder': {'name': 'linear', 'dim': 8}}, r'remove layers=\(\) and dim=8'),
+     r"'linear' classifies the final patch tokens alone; remove layers=\(0,\), dim=None"),
+    ({'decoder': {'name': 'linear', 'dim': 8}}, r'remove layers=\(\), dim=8 and pool_scales=\(\)'),
+    ({'decoder': {'name': 'linear', 'pool_scales': (1,)}}, r'and pool_scales=\(1,\) \(they'),
+    ({'decoder': {**FPN, 'pool_scales': (2, 1)}},
+     r'pool_scales=\(2, 1\) must be increasing positive bin counts \(e.g. \(1, 2, 3, 6\)'),
+    ({'decoder': {**FPN, 'pool_scales': (0,)}}, r'pool_scales=\(0,\) must be increasing'),
     ({'decoder': {'name': 'fpn', 'layers': (2,), 'dim': 8}},
      r'model.decoder.layers=\(2,\) must be increasing block indices in \[0, 2\) '
      r'\(num_layers=3; the last block gives the final encoder output'),
@@ -211,6 +229,14 @@ def test_flops_hand_count_and_growth():
 def test_bad_config_fails_with_one_clear_error(overrides, message):
   with pytest.raises(ValueError, match=message):
     models.resolve(_config(**overrides))
+
+
+def test_pool_scales_larger_than_the_grid():
+  with pytest.raises(ValueError, match=r'model.decoder.pool_scales=\(1, 2, 3, 6\) pools the '
+                     r'4x4 patch grid of 16x16 images into up to 6x6 bins; use scales of '
+                     r'at most 4'):
+    models.resolve(_config(decoder={'name': 'fpn', 'layers': (0,), 'dim': 8}),
+                   image_size=(16, 16))
 
 
 def test_input_that_the_patches_do_not_tile():

@@ -124,7 +124,8 @@ def test_segmenter_activations_count_its_decoder():
   linear = plan_lib.activation_bytes(spec({'name': 'linear'}), 4)
   # Logits at the input size and their softmax, and the 4x4 grid's logits, per image.
   assert linear - encoder == 4 * 4 * (2 * 16 * 16 * 11 + 16 * 11)
-  fpn = [plan_lib.activation_bytes(spec({'name': 'fpn', 'layers': (0,), 'dim': d}), 4)
+  fpn = [plan_lib.activation_bytes(spec({'name': 'fpn', 'layers': (0,), 'dim': d,
+                                                      'pool_scales': (1, 2)}), 4)
          for d in (8, 16)]
   assert linear < fpn[0] < fpn[1]
 

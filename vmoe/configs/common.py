@@ -337,6 +337,20 @@ def initialization_config(*, source: str, path: str | None = None, rules=(),
       allow_mismatched=allow_mismatched, freeze=freeze or None))
 
 
+def vit_upcycle_rules(layers, num_experts: int) -> list[tuple]:
+  """config.initialization rules from a vision_transformer / big_vision ViT .npz: their
+  names -> ours, the MLPs of the MoE blocks `layers` -> their E experts (sparse
+  upcycling), and the checkpoint's classifier head left out (a new one starts fresh)."""
+  blocks = '|'.join(map(str, layers))
+  return [('rename', '^Transformer/', 'Encoder/'),
+          ('rename', '/MultiHeadDotProductAttention_[01]/', '/SelfAttention/'),
+          ('rename', '/LayerNorm_[12]/', '/LayerNorm_1/'),
+          ('rename', '/MlpBlock_[03]/', '/Mlp/'),
+          ('rename', rf'^(Encoder/encoderblock_({blocks}))/Mlp/', r'\1/Moe/Mlp/'),
+          ('expand_tile', '/Moe/Mlp/', num_experts),
+          ('reinit', '^head/')]
+
+
 def every_n(n: int, num_layers: int) -> tuple[int, ...]:
   """'Every-n' MoE placement: blocks n-1, 2n-1, ... (every other block for n=2)."""
   return tuple(range(n - 1, num_layers, n))

@@ -51,6 +51,7 @@ from vmoe.data import digits
 from vmoe.data import local
 
 NUM_CLASSES = 11
+CLASS_NAMES = ('background',) + tuple(str(d) for d in range(10))  # Mask value order.
 SIZE = 32
 SPLITS = {'train': 4000, 'test': 500}
 SEED = 0

@@ -38,10 +38,12 @@ cache.
 
 Nothing here ever downloads: a dataset that is not prepared in the data dir is
 a ValueError saying how to prepare it. The local datasets of LOCAL_BUILDERS
-('digits', 'digit_scenes') are generated on first use instead. Each dataset's
+('digits', 'digit_scenes') are generated on first use instead; those of
+MANUAL_BUILDERS ('ade20k') are this package's builders too, but prepared from a
+manual download by their own command, never on first use. Each dataset's
 builder (and so its info) is loaded once per process.
 
-Segmentation datasets (digit_scenes, scene_parse150, oxford_iiit_pet,
+Segmentation datasets (digit_scenes, ade20k, scene_parse150, oxford_iiit_pet,
 cityscapes) go through the same pipeline with the joint image / mask ops of
 seg_ops.py in their pp string; see there for each dataset's pp strings.
 """
@@ -55,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vmoe.data import ade20k
 from vmoe.data import digit_scenes
 from vmoe.data import digits
 from vmoe.data import pp_ops
@@ -82,6 +85,11 @@ _BUILDERS_LOCK = threading.Lock()
 # Datasets generated on this machine from bundled data: name -> its module, whose
 # prepare(data_dir) builds it there unless it is, and returns its builder.
 LOCAL_BUILDERS = {'digits': digits, 'digit_scenes': digit_scenes}
+# Datasets of this package read from a manual download, too large to build on
+# first use: name -> its module (importing it registers the builder), prepared
+# by `python -m MODULE --data_dir=DIR --manual_dir=DIR` with its MANUAL_FILES
+# in the manual dir.
+MANUAL_BUILDERS = {'ade20k': ade20k}
 
 
 def _get(cfg, key: str, default=None):
@@ -158,10 +166,10 @@ def data_dir_of(cfg) -> str:
 def builder(cfg) -> tfds.core.DatasetBuilder:
   """The prepared builder of cfg.name in data_dir_of(cfg).
 
-  Never downloads; builds the LOCAL_BUILDERS datasets. Loaded once per (name,
-  data dir) for the process's lifetime, and the same object is returned after
-  that; a failure is not remembered, so a dataset prepared later is found by
-  the next call.
+  Never downloads; builds the LOCAL_BUILDERS datasets (never the
+  MANUAL_BUILDERS ones). Loaded once per (name, data dir) for the process's
+  lifetime, and the same object is returned after that; a failure is not
+  remembered, so a dataset prepared later is found by the next call.
   """
   key = (cfg.name, data_dir_of(cfg))
   with _BUILDERS_LOCK:
@@ -186,20 +194,34 @@ def _load_builder(cfg, name: str, data_dir: str) -> tfds.core.DatasetBuilder:
                      f'name (the offline demos: {sorted(LOCAL_BUILDERS)}).'
                      ) from None
   if not b.is_prepared():
-    msg = (f'Dataset {name!r} is not prepared in data_dir {data_dir!r} '
-           f'(no {b.data_dir}/dataset_info.json) and this program never '
-           f'downloads. Prepare it on a machine with network access: '
-           f'`tfds build {name} --data_dir={data_dir}`')
-    if b.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      manual = _get(cfg, 'manual_dir') or f'{data_dir}/downloads/manual'
-      msg += (f' --manual_dir={manual} (this dataset needs a manual download '
-              f'first: put the files from {name}\'s TFDS page in {manual})')
-    raise ValueError(msg + ', or set data_dir / $TFDS_DATA_DIR to where it is.')
+    raise ValueError(_not_prepared(cfg, name, data_dir, b))
   if b.info.file_format != tfds.core.FileFormat.TFRECORD:
     raise ValueError(f'Dataset {name!r} in {data_dir!r} is stored as '
                      f'{b.info.file_format.value}; only tfrecord is '
                      f'supported: rebuild it with --file_format=tfrecord.')
   return b
+
+
+def _not_prepared(cfg, name: str, data_dir: str, b) -> str:
+  """The error of an unprepared dataset: the command that prepares it."""
+  manual_builder = MANUAL_BUILDERS.get(name.split(':')[0])
+  if manual_builder:  # Reads local files only: no network needed.
+    where, command = '', f'python -m {manual_builder.__name__}'
+    files = manual_builder.MANUAL_FILES
+  else:
+    where, command = ' on a machine with network access', f'tfds build {name}'
+    files = f"the files from {name}'s TFDS page"
+  command += f' --data_dir={data_dir}'
+  needs = ''
+  if b.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    manual = _get(cfg, 'manual_dir') or f'{data_dir}/downloads/manual'
+    command += f' --manual_dir={manual}'
+    needs = (f' (this dataset needs a manual download first: put {files} in '
+             f'{manual})')
+  return (f'Dataset {name!r} is not prepared in data_dir {data_dir!r} (no '
+          f'{b.data_dir}/dataset_info.json) and this program never downloads. '
+          f'Prepare it{where}: `{command}`{needs}, or set data_dir / '
+          f'$TFDS_DATA_DIR to where it is.')
 
 
 def split_info(builder, split):  # pylint: disable=redefined-outer-name

@@ -39,10 +39,11 @@ Random ops draw from the stateless seed they get, like every pp op. An op
 whose image or mask key is not in the example raises a ValueError naming the
 key and the example's keys when the pipeline is built (before any model).
 
-Datasets (TFDS; build them with `tfds build NAME --data_dir=DIR`; a dataset
-that is not prepared is the pipeline's 'not prepared' error). End the real
-datasets' pp strings with keep("image", "labels"): their other features
-(strings, boxes, the raw mask) are not model inputs.
+Datasets (TFDS; build them with `tfds build NAME --data_dir=DIR`, ade20k with
+its own command; a dataset that is not prepared is the pipeline's 'not
+prepared' error, which gives the command). End the real datasets' pp strings
+with keep("image", "labels"): their other features (strings, boxes, the raw
+mask) are not model inputs.
 
   digit_scenes (digit_scenes.py, built on first use; 11 classes,
   'segmentation_mask' uint8 [32, 32, 1]; splits train 4000 / test 500):
@@ -57,6 +58,25 @@ datasets' pp strings with keep("image", "labels"): their other features
           'value_range(-1, 1)|seg_labels|keep("image", "labels")'
     eval  'decode|seg_remap("oxford_iiit_pet")|seg_resize(224)|'
           'value_range(-1, 1)|seg_labels|keep("image", "labels")'
+
+  ade20k (ade20k.py: the 150-class ADE20K benchmark, MIT SceneParsing's
+  ADEChallengeData2016.zip, a manual download, prepared with `python -m
+  vmoe.data.ade20k --manual_dir=DIR --data_dir=DIR`; 'image' [H, W, 3] of
+  varying sizes, 'segmentation_mask' uint8 [H, W, 1]: 0 other / unlabelled,
+  1..150 the classes; splits train 20,210 / validation 2,000) -> 150 classes
+  (ade20k.CLASS_NAMES), 0 ignored:
+    train 'decode|seg_remap("ade20k")|seg_resize(512)|'
+          'seg_random_scale_crop(512, 0.5, 2.0)|seg_flip_lr|'
+          'value_range(-1, 1)|seg_labels|keep("image", "labels")'
+    eval  'decode|seg_remap("ade20k")|seg_resize(512)|'
+          'value_range(-1, 1)|seg_labels|keep("image", "labels")'
+  seg_resize(512) makes every image square first, so that the scale range
+  means the same for all sizes (and eval batches stack); it distorts the
+  aspect ratio. The usual protocol (e.g. mmsegmentation's) keeps it: short
+  side to 512 (long side at most 2048) before the random scale and crop, and
+  scores at each image's own size; that needs a joint short-side resize op,
+  which seg_ops does not have. So scores from these strings are not
+  comparable with published ADE20K mIoUs.
 
   scene_parse150: NOT the 150-class ADE20K semantic benchmark. TFDS 4.9
   builds it from the Places Challenge 2017 files images.tar and
@@ -77,9 +97,8 @@ datasets' pp strings with keep("image", "labels"): their other features
           ' key_result="segmentation_mask")|seg_resize(512)|'
           'value_range(-1, 1)|seg_labels|keep("image", "labels")'
   or add seg_remap("ade20k") after mask_channel for 100 object classes
-  (0..99) with every stuff pixel ignored. For the real 150-class benchmark,
-  prepare ADEChallengeData2016 as a TFDS dataset of your own ('image' and a
-  1-channel 'segmentation_mask') and use seg_remap("ade20k").
+  (0..99) with every stuff pixel ignored. For the 150-class benchmark use
+  ade20k (above).
 
   cityscapes (config 'semantic_segmentation', manual download of
   leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip; 'image_left'

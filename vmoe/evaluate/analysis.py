@@ -22,12 +22,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vmoe.data import ade20k
+from vmoe.data import digit_scenes
 from vmoe.nn import spec as spec_lib
 from vmoe.train import evaluator
 from vmoe.utils import files
 
 # Pixel class names of the segmentation datasets, by TFDS name: the heatmaps' rows.
-CLASS_NAMES = {'digit_scenes': ('background',) + tuple(str(d) for d in range(10))}
+CLASS_NAMES = {'digit_scenes': digit_scenes.CLASS_NAMES, 'ade20k': ade20k.CLASS_NAMES}
 Batch = Mapping[str, np.ndarray]
 
 

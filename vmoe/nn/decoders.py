@@ -13,12 +13,17 @@ spec.image_size (H, W); x: the final encoder output (after encoder_norm) as a pa
   outputs only; the final output has encoder_norm), a 1x1 lateral projection to `dim`,
   then n-1-i x2 upsamplings, each a 2x2 stride-2 transposed convolution (written as a
   Dense to 4 dim channels and a pixel shuffle: the same map, fast on every backend) and a
-  GELU. Top-down, each level adds the next coarser one (nearest x2), then a 3x3 conv
+  GELU. The final level also gets UperNet's pyramid pooling (`pool_scales`, default
+  POOL_SCALES): for each s, the final tokens average-pooled into s x s bins (as adaptive
+  average pooling: bin i spans rows floor(i h / s) to ceil((i + 1) h / s)), a Dense to
+  `dim` and GELU, upsampled bilinearly back to the grid and added, so that every token of
+  the level sees the context of its region and of the whole image. Top-down, each level
+  adds the next coarser one (nearest x2), then a 3x3 conv
   and GELU smooth it; all levels are bilinearly upsampled to the finest and summed, a
   1x1 classifier gives the logits, upsampled bilinearly to the input size. The finest
   level is at most the input's resolution: 2^(n-1) must divide the patch size (`check`).
-  Params: decoder/{norm_{i} (i < n-1), lateral_{i}, up_{i}_{k} (k < n-1-i), smooth_{i},
-  head}.
+  Params: decoder/{norm_{i} (i < n-1), lateral_{i}, up_{i}_{k} (k < n-1-i), pool_{s},
+  smooth_{i}, head}.
 The classifier (`head`) follows model.head_kernel_zero_init and head_bias_init, as the
 classifier head of a ViT; the decoders compute in float32.
 """
@@ -27,10 +32,13 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vmoe.nn import spec as spec_lib
 
 Array = jax.Array
+# UperNet's pyramid pooling bins (PSPNet's), the 'fpn' default of model.decoder.pool_scales.
+POOL_SCALES = (1, 2, 3, 6)
 
 
 def scales(decoder: spec_lib.DecoderSpec) -> tuple[int, ...]:
@@ -92,6 +100,28 @@ def _upsample2x(x: Array, dense: nn.Dense) -> Array:
   return y.reshape(b, 2 * h, 2 * w, c4 // 4)
 
 
+def pool_matrix(n: int, s: int) -> np.ndarray:
+  """[s, n]: row i averages the positions floor(i n / s) .. ceil((i + 1) n / s) - 1
+  (adaptive average pooling of n positions into s bins)."""
+  m = np.zeros((s, n), np.float32)
+  for i in range(s):
+    lo, hi = (i * n) // s, -(-(i + 1) * n // s)
+    m[i, lo:hi] = 1.0 / (hi - lo)
+  return m
+
+
+def _pyramid_pool(x: Array, scales: tuple[int, ...], dim: int) -> Array:
+  """x: [B, h, w, D] -> [B, h, w, dim]: the sum over s of x pooled into s x s bins,
+  projected (Dense `pool_{s}`, GELU) and upsampled back bilinearly."""
+  b, h, w, _ = x.shape
+  out = 0.0
+  for s in scales:
+    p = jnp.einsum('ih,bhwd,jw->bijd', pool_matrix(h, s), x, pool_matrix(w, s))
+    p = nn.gelu(nn.Dense(dim, name=f'pool_{s}')(p))
+    out = out + jax.image.resize(p, (b, h, w, dim), 'bilinear')
+  return out
+
+
 def _nearest2x(x: Array) -> Array:
   """x: [B, h, w, F] -> [B, 2h, 2w, F], each value repeated 2x2."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -112,6 +142,8 @@ class FpnDecoder(nn.Module):
       if i < n - 1:  # The final output is normalised by encoder_norm already.
         f = nn.LayerNorm(name=f'norm_{i}')(f)
       f = nn.Dense(dim, name=f'lateral_{i}')(f)
+      if i == n - 1 and decoder.pool_scales:
+        f = f + _pyramid_pool(x, decoder.pool_scales, dim)
       for k in range(n - 1 - i):
         f = nn.gelu(_upsample2x(f, nn.Dense(4 * dim, name=f'up_{i}_{k}')))
       levels.append(f)
@@ -138,7 +170,7 @@ def flops_per_image(decoder: spec_lib.DecoderSpec, spec: spec_lib.ModelSpec) -> 
   if decoder.name == 'linear':
     return float(2 * g * d * c)
   dim, ups = decoder.dim, scales(decoder)
-  total = 0
+  total = sum(2 * k * k * d * dim for k in decoder.pool_scales)  # Pyramid pooling.
   for s in ups:
     total += 2 * g * d * dim  # Lateral, at the grid.
     # x2 upsamplings from the grid to s x the grid: a Dense to 4 dim per input position.
@@ -159,6 +191,7 @@ def activations_per_image(spec: spec_lib.ModelSpec) -> float:
   if decoder.name == 'linear':
     return float(total + g * c)
   dim, ups = decoder.dim, scales(decoder)
+  total += sum(k * k * (d + 2 * dim) + 2 * g * dim for k in decoder.pool_scales)
   for s in ups:
     total += g * (d + dim)
     total += sum(2 * g * 4 ** (k + 1) * dim for k in range(int(math.log2(s))))

@@ -44,7 +44,7 @@ MODEL_KEYS = ('name', 'num_classes', 'patch_size', 'hidden_size', 'encoder', 'cl
 ENCODER_KEYS = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate',
                 'attention_dropout_rate', 'attention_qk_norm', 'moe', 'position_emb',
                 'compute_dtype', 'scan', 'remat')
-DECODER_KEYS = ('name', 'layers', 'dim')
+DECODER_KEYS = ('name', 'layers', 'dim', 'pool_scales')
 MOE_KEYS = ('layers', 'num_experts', 'group_size', 'split_rngs', 'router', 'shared_experts',
             'dropout_rate', 'ensemble_size')
 # Dispatcher options of the reference with no effect here: {option: why}.
@@ -197,10 +197,12 @@ def _decoder(decoder: Any, num_layers: int, patch: tuple[int, int]
   name = checks.one_of(checks.required(decoder, 'name', where), sorted(decoders.DECODERS),
                        f'{where}.name')
   layers, dim = decoder.get('layers') or (), decoder.get('dim')
+  pool = decoder.get('pool_scales', () if name == 'linear' else decoders.POOL_SCALES)
   if name == 'linear':
-    if layers or dim is not None:
+    if layers or dim is not None or pool:
       raise ValueError(f"{where}: 'linear' classifies the final patch tokens alone; remove "
-                       f"layers={layers!r} and dim={dim!r} (they configure 'fpn').")
+                       f'layers={layers!r}, dim={dim!r} and pool_scales={pool!r} (they '
+                       "configure 'fpn').")
     return spec_lib.DecoderSpec(name)
   if num_layers < 2:
     raise ValueError(f"{where}.name='fpn' needs the outputs of earlier blocks, but "
@@ -216,7 +218,11 @@ def _decoder(decoder: Any, num_layers: int, patch: tuple[int, int]
   if not checks.is_int(dim) or dim < 1:
     raise ValueError(f"{where}.dim={dim!r} must be a positive integer (the 'fpn' "
                      'channels), e.g. 64.')
-  spec = spec_lib.DecoderSpec(name, tuple(layers), dim)
+  if (not isinstance(pool, (list, tuple))
+      or not all(checks.is_int(k) and k > 0 for k in pool) or list(pool) != sorted(set(pool))):
+    raise ValueError(f'{where}.pool_scales={pool!r} must be increasing positive bin counts '
+                     f'(e.g. {decoders.POOL_SCALES}, UperNet\'s), or () for no pyramid pooling.')
+  spec = spec_lib.DecoderSpec(name, tuple(layers), dim, tuple(pool))
   decoders.check(spec, patch)
   return spec
 
@@ -483,6 +489,11 @@ def _at(spec: ModelSpec, image_size: tuple[int, int]) -> ModelSpec:
     raise ValueError(f'model.patch_size={spec.patch_size} does not tile images of '
                      f'{h}x{w}; choose a patch size that divides the image size.')
   spec = dataclasses.replace(spec, image_size=(h, w))
+  pool = spec.decoder.pool_scales if spec.decoder else ()
+  if pool and max(pool) > min(spec.grid):
+    raise ValueError(f'model.decoder.pool_scales={pool} pools the {spec.grid[0]}x'
+                     f'{spec.grid[1]} patch grid of {h}x{w} images into up to '
+                     f'{max(pool)}x{max(pool)} bins; use scales of at most {min(spec.grid)}.')
   if spec.encoder.moe is None:
     return spec
   moe = _moe_at(spec.encoder.moe, spec.tokens_per_image, f'a {h}x{w} image',

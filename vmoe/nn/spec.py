@@ -149,11 +149,14 @@ class DecoderSpec:
 
   name: 'linear' (a per-patch classifier, upsampled) or 'fpn' (a feature pyramid of the
   outputs of encoder blocks `layers`, 0-based and increasing, and of the final encoder
-  output, with `dim` channels); 'linear' has no layers and dim None.
+  output, with `dim` channels); 'linear' has no layers and dim None. pool_scales
+  ('fpn'): UperNet's pyramid pooling module on the final output, average-pooled into
+  s x s bins for each s (1: the global context) and added to its level; () for none.
   """
   name: str
   layers: tuple[int, ...] = ()
   dim: Optional[int] = None
+  pool_scales: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
