@@ -117,12 +117,16 @@ def test_counts_and_class_balance(pools, test_scenes):
   assert 0.05 < pixels[1:].sum() / pixels.sum() < 0.5  # Digits are a minority, not rare.
 
 
-def test_pipeline_builds_it_on_first_use(tmp_path, monkeypatch):
+def test_pipeline_builds_it_on_first_use(tmp_path, monkeypatch, capfd):
   monkeypatch.setattr(DS, 'SPLITS', {'train': 6, 'test': 3})  # A tiny build.
   cfg = ml_collections.ConfigDict(dict(
       name='digit_scenes', split='test', batch_size=2, data_dir=str(tmp_path),
       process='decode|value_range(-1, 1)|seg_labels'))
   assert pipeline.get_dataset_info(cfg) == (3, None)
+  # One line on the terminal; TFDS's prints and progress bars go to the log.
+  out, err = capfd.readouterr()
+  assert "Building the 'digit_scenes' dataset in" in out
+  assert 'Generating' not in out + err and 'Downloading and preparing' not in out + err
   assert os.listdir(tmp_path) == ['digit_scenes']  # No temporary build dir left.
   batches = list(pipeline.make_eval_iterable(cfg, process_index=0, process_count=1))
   assert [b['__valid__'].tolist() for b in batches] == [[True, True], [True, False]]

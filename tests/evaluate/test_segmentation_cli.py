@@ -126,3 +126,19 @@ def test_load_segmenter_reproduces_the_trainer(workdir, env):
   final = final_test(workdir)
   for key in ('miou', 'pixel_accuracy'):
     np.testing.assert_allclose(metrics[key], final[key], atol=1e-4, err_msg=key)
+
+
+def test_exactly_once_on_8_devices_whether_or_not_the_batch_divides_the_split(
+    workdir, env, tmp_path):
+  """The first 320 test canvases on 8 devices in batches of 64 (5 full batches) and of 96
+  (the fourth padded with 64 empty examples): the same confusion-matrix metrics."""
+  rows = {}
+  for batch in (64, 96):
+    out = str(tmp_path / f'batch{batch}')
+    run('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--sweep=capacity_factor=1.05',
+        '--config.dataset.test.split=test[:320]', f'--config.dataset.test.batch_size={batch}',
+        f'--output_dir={out}', '--predictions=0', env=env, devices=8)
+    with open(os.path.join(out, 'sweep.json')) as f:
+      rows[batch] = json.load(f)[0]
+  for key in ('miou', 'pixel_accuracy', 'mean_accuracy', 'loss'):
+    np.testing.assert_allclose(rows[64][key], rows[96][key], rtol=1e-6, err_msg=key)
