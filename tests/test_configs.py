@@ -32,7 +32,7 @@ def shrink(config: dict, tokens: int, batch_size: int) -> dict:
   if config['model'].get('representation_size'):
     model['representation_size'] = 16
   if (config['model'].get('decoder') or {}).get('layers'):
-    model.update({'decoder.layers': (0,), 'decoder.dim': 8})
+    model.update({'decoder.layers': (0,), 'decoder.dim': 8, 'decoder.pool_scales': (1, 2)})
   values = {f'model.{k}': v for k, v in model.items()}
   values.update({f'dataset.{k}.batch_size': batch_size for k in config['dataset']})
   if config.get('fewshot'):

@@ -22,7 +22,7 @@ def _config(decoder):
 
 
 def test_load_segmenter_gives_per_pixel_logits(tmp_path):
-  config = _config({'name': 'fpn', 'layers': (0,), 'dim': 8})
+  config = _config({'name': 'fpn', 'layers': (0,), 'dim': 8, 'pool_scales': (1, 2)})
   model = models.build_model(config, 8)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
