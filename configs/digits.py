@@ -11,9 +11,11 @@ scikit-learn into the TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets) on
 first use; nothing is downloaded.
 
 Measured with the command above (2 CPU cores, jax 0.10.2 CPU): test prec@1
-0.9861 (loss 0.1071) at step 2,000, and on the way 0.9333 at step 500, 0.9611
-at 1,000, 0.9833 at 1,500; 2 min 58 s of training steps (11 steps/s). The code before
-E3 (f776914) gives the same 0.9861 on this host; on an earlier host (another CPU) it
+0.9861 (loss 0.1089) at step 2,000, and on the way 0.9306 at step 500, 0.9778
+at 1,000, 0.9833 at 1,500; 2 min 57 s of training steps (11 steps/s); the code before
+segmentation (0793a5b) gives exactly that on this host too. The previous host gave 0.9861
+(loss 0.1071; 0.9333 at step 500, 0.9611 at 1,000), and there the code before
+E3 (f776914) gave the same 0.9861; on an earlier host (another CPU) it
 ended at 0.9889 (loss 0.1077) with 2 min 37 s of training steps (12-13 steps/s), 2 min
 54 s for the README's command from a fresh clone, install included. Before the
 router work for fidelity to the reference it ended at 0.9833 (loss 0.1082): the
