@@ -75,13 +75,9 @@ def get_config(arg=None):
               a['router'], layers=layers, num_layers=LAYERS,
               num_experts=a['num_experts'], group_size=4 * TOKENS,
               num_selected_experts=a['k'], capacity_factor=a['capacity_factor']))))
-  config.loss = common.ConfigDict(dict(name='pixel_softmax_xent', ignore_label=255,
-                                       label_smoothing=0.0))
-  config.optimizer = common.ConfigDict(dict(
-      name='adamw', b1=0.9, b2=0.999, weight_decay=0.05,
-      learning_rate=dict(schedule='warmup_cosine_decay', peak_value=2e-3,
-                         warmup_steps=200, end_value=0.0),
-      gradient_clip=dict(global_norm=1.0)))
+  config.loss = common.pixel_loss()
+  config.optimizer = common.adamw_optimizer(peak_value=2e-3, warmup_steps=200,
+                                            weight_decay=0.05, global_norm=1.0)
   config.train_steps = a['steps']
   config.save_checkpoint.every_steps = 500
   config.save_checkpoint.keep_last = 2

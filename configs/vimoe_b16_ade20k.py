@@ -97,13 +97,10 @@ def get_config(arg=None):
       rules=common.vit_upcycle_rules(layers, a['num_experts']) + [
           ('resize_posemb', '^Encoder/posembed_input/pos_embedding$')],
       allow_missing='/Moe/(Router|SharedMlp_0)/|^decoder/', allow_unused='^pre_logits/')
-  config.loss = common.ConfigDict(dict(name='pixel_softmax_xent', ignore_label=255,
-                                       label_smoothing=0.0))
-  config.optimizer = common.ConfigDict(dict(
-      name='adamw', b1=0.9, b2=0.999, weight_decay=0.01,
-      learning_rate=dict(schedule='warmup_linear_decay', peak_value=6e-5,
-                         warmup_steps=1_500, end_value=0.0),
-      gradient_clip=dict(global_norm=1.0)))
+  config.loss = common.pixel_loss()
+  config.optimizer = common.adamw_optimizer(peak_value=6e-5, warmup_steps=1_500,
+                                            weight_decay=0.01,
+                                            schedule='warmup_linear_decay', global_norm=1.0)
   config.train_steps = 160_000
   config.save_checkpoint.every_steps = 4_000
   config.evaluate.every_steps = 16_000

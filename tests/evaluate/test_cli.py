@@ -8,8 +8,6 @@ hold whole images, so routing does not depend on how the batch is split.
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -43,15 +41,6 @@ FLAGS = [f'--config={CONFIG_ARG}'] + [
     f'--config.{k}={v}'.replace(' ', '') for k, v in OVERRIDES.items()]
 
 
-def run(module, *args, env, devices=1):
-  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                            '--xla_cpu_use_fusion_emitters=false')
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
-
-
 def tiny_config():
   config = common.load_config(os.path.join(REPO, CONFIG_ARG))
   return ml_collections.ConfigDict(dotted.with_values(config, OVERRIDES))
@@ -63,9 +52,9 @@ def env(digits_data_dir):
 
 
 @pytest.fixture(scope='module')
-def workdir(env, tmp_path_factory):
+def workdir(env, tmp_path_factory, run_module):
   path = str(tmp_path_factory.mktemp('trained'))
-  run('vmoe.main', f'--workdir={path}', *FLAGS, env=env)
+  run_module('vmoe.main', f'--workdir={path}', *FLAGS, env=env)
   return path
 
 
@@ -82,8 +71,8 @@ def test_training_reports_fewshot_and_dropped_tokens(workdir):
   assert 0 <= final['test']['dropped/encoderblock_1'] < 1
 
 
-def test_sweep_analysis_fewshot_on_8_devices(workdir, env):
-  out = run('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--analyze', '--fewshot',
+def test_sweep_analysis_fewshot_on_8_devices(workdir, env, run_module):
+  out = run_module('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--analyze', '--fewshot',
             '--sweep=capacity_factor=0.25,1.05,4;batch_priority=false,true', env=env,
             devices=8)
   assert 'Sweep of 6 variants' in out and out.startswith('Full logs: ')
@@ -175,19 +164,19 @@ def test_load_params_accepts_a_workdir_and_a_step_directory(workdir, tmp_path):
     sources.load_params(str(tmp_path))
 
 
-def test_e3_trains_sweeps_and_analyses_on_8_devices(env, tmp_path):
+def test_e3_trains_sweeps_and_analyses_on_8_devices(env, tmp_path, run_module):
   """E3 (configs/digits.py:router=e3, E=4 split between 2 members): the final metrics
   hold the ensemble's and each member's accuracy, NLL and ECE; the sweep's training
   variant reproduces them on 8 devices; the routing analysis reads the members' tokens."""
   workdir = str(tmp_path / 'e3')
   flags = [f.replace(CONFIG_ARG, 'configs/digits.py:num_experts=4,router=e3') for f in FLAGS]
-  run('vmoe.main', f'--workdir={workdir}', *flags, '--config.fewshot.every_steps=100',
+  run_module('vmoe.main', f'--workdir={workdir}', *flags, '--config.fewshot.every_steps=100',
       env=env)
   final = json.load(open(os.path.join(workdir, 'final_metrics.json')))['test']
   for key in ('prec@1', 'loss', 'ece', 'member_0/prec@1', 'member_1/loss', 'member_1/ece'):
     assert np.isfinite(final[key]), key
   assert 0 <= final['ece'] <= 1 and final['num_examples'] == 360
-  run('vmoe.evaluate', f'--workdir={workdir}', *flags, '--analyze',
+  run_module('vmoe.evaluate', f'--workdir={workdir}', *flags, '--analyze',
       '--sweep=capacity_factor=0.5,1.05;num_selected_experts=1,2', env=env, devices=8)
   rows = read_csv(os.path.join(workdir, 'eval', 'sweep.csv'))
   trained = next(r for r in rows if r['capacity_factor'] == '1.05'

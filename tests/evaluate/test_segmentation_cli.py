@@ -10,8 +10,6 @@ the canvases as they are stored (the evaluation preprocessing is only value_rang
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -41,24 +39,15 @@ FLAGS = [f'--config={CONFIG_ARG}'] + [
     f'--config.{k}={v}'.replace(' ', '') for k, v in OVERRIDES.items()]
 
 
-def run(module, *args, env, devices=1):
-  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                            '--xla_cpu_use_fusion_emitters=false')
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
-
-
 @pytest.fixture(scope='module')
 def env(digit_scenes_data_dir):
   return dict(os.environ, TFDS_DATA_DIR=digit_scenes_data_dir)
 
 
 @pytest.fixture(scope='module')
-def workdir(env, tmp_path_factory):
+def workdir(env, tmp_path_factory, run_module):
   path = str(tmp_path_factory.mktemp('segmenter'))
-  out = run('vmoe.main', f'--workdir={path}', *FLAGS, env=env)
+  out = run_module('vmoe.main', f'--workdir={path}', *FLAGS, env=env)
   assert 'Final test: miou=' in out
   return path
 
@@ -77,8 +66,8 @@ def test_trainer_reports_confusion_metrics(workdir):
   assert 0 <= final['dropped/encoderblock_1'] < 1
 
 
-def test_sweep_analysis_predictions_on_8_devices(workdir, env):
-  run('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--config.dataset.test.batch_size=96',
+def test_sweep_analysis_predictions_on_8_devices(workdir, env, run_module):
+  run_module('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--config.dataset.test.batch_size=96',
       '--analyze', '--predictions=4',
       '--sweep=capacity_factor=0.25,1.05;batch_priority=false,true', env=env, devices=8)
   eval_dir = os.path.join(workdir, 'eval')
@@ -129,13 +118,13 @@ def test_load_segmenter_reproduces_the_trainer(workdir, env):
 
 
 def test_exactly_once_on_8_devices_whether_or_not_the_batch_divides_the_split(
-    workdir, env, tmp_path):
+    workdir, env, tmp_path, run_module):
   """The first 320 test canvases on 8 devices in batches of 64 (5 full batches) and of 96
   (the fourth padded with 64 empty examples): the same confusion-matrix metrics."""
   rows = {}
   for batch in (64, 96):
     out = str(tmp_path / f'batch{batch}')
-    run('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--sweep=capacity_factor=1.05',
+    run_module('vmoe.evaluate', f'--workdir={workdir}', *FLAGS, '--sweep=capacity_factor=1.05',
         '--config.dataset.test.split=test[:320]', f'--config.dataset.test.batch_size={batch}',
         f'--output_dir={out}', '--predictions=0', env=env, devices=8)
     with open(os.path.join(out, 'sweep.json')) as f:

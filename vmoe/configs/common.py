@@ -314,6 +314,26 @@ def with_ensemble(config: ConfigDict) -> ConfigDict:
   return config
 
 
+def adamw_optimizer(*, peak_value: float, warmup_steps: int, weight_decay: float,
+                    schedule: str = 'warmup_cosine_decay',
+                    global_norm: float | None = None) -> ConfigDict:
+  """AdamW (b1 0.9, b2 0.999), warmup to `peak_value` then decay to 0 by `schedule`;
+  gradient clipping at `global_norm` (None: none, settable from the command line)."""
+  return ConfigDict(dict(
+      name='adamw', b1=0.9, b2=0.999, weight_decay=weight_decay,
+      learning_rate=dict(schedule=schedule, peak_value=peak_value,
+                         warmup_steps=warmup_steps, end_value=0.0),
+      gradient_clip=dict(global_norm=config_dict.placeholder(float) if global_norm is None
+                         else global_norm)))
+
+
+def pixel_loss(ignore_label: int = 255) -> ConfigDict:
+  """config.loss of a segmenter: softmax cross-entropy per pixel, pixels of
+  `ignore_label` left out (vmoe.train.losses.PixelLoss)."""
+  return ConfigDict(dict(name='pixel_softmax_xent', ignore_label=ignore_label,
+                         label_smoothing=0.0))
+
+
 def paper_optimizer(*, peak_value: float, warmup_steps: int = 10_000,
                     global_norm: float | None = 1.0) -> ConfigDict:
   """Adam, linear warmup and decay to 1e-5, decay 0.1 on kernels (paper)."""
